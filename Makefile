@@ -1,0 +1,44 @@
+# prodvec: `make run` and `make test` are all a new user needs (Python 3.11, Java 17).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+RUFF := $(VENV)/bin/ruff
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run test lint format bench clean-work java
+
+install: $(STAMP)
+
+java:
+	@command -v java >/dev/null 2>&1 || { \
+	  echo "prodvec needs Java 17 for Spark. On Debian/Ubuntu: sudo apt-get install -y openjdk-17-jre-headless"; \
+	  exit 1; }
+
+# torch first, pinned: it resolves to the CPU wheel on local disk; an unpinned
+# torch (or one pulled in by another package) would download a multi-GB CUDA build.
+$(STAMP): setup.cfg pyproject.toml | java
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: install
+	$(VENV)/bin/prodvec run
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(RUFF) check --line-length 100 pipelines models jobs tests bench
+
+format: install
+	$(RUFF) format --line-length 100 pipelines models jobs tests bench
+
+bench: install
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-work:
+	rm -rf work

@@ -1,0 +1,366 @@
+"""Layered YAML configuration validated into typed, frozen objects.
+
+`conf/base.yaml` is always loaded first, then each overlay in order (kedro-style
+base + environment), then `key.sub=value` overrides from the command line. Every
+unknown key is an error that names it, so a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.errors import ConfigError
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparkConfig(Strict):
+    """Local-mode defaults; under spark-submit the submit settings win."""
+
+    master: str = "local[*]"
+    app_name: str = "prodvec"
+    shuffle_partitions: int = Field(8, ge=1)
+    driver_memory: str = "4g"
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class TrackingConfig(Strict):
+    """MLflow: sqlite + local artifacts by default, a tracking server on clusters."""
+
+    uri: str | None = None
+    artifact_location: str | None = None
+    experiment: str = "prodvec"
+
+
+class SyntheticConfig(Strict):
+    """The embedded default catalog: generated, deterministic by seed."""
+
+    rows: int = Field(20_000, ge=10)
+    seed: int = 7
+    dirty_fraction: float = Field(0.03, ge=0.0, le=0.5)
+
+
+class ColumnMap(Strict):
+    """Canonical column -> source column. Only product_id and title are required."""
+
+    product_id: str | None = None
+    title: str
+    description: str | None = None
+    bullets: str | None = None
+    brand: str | None = None
+    category_path: str | list[str] | None = None  # one path column, or one column per level
+    price: str | None = None
+    currency: str | None = None
+    product_group: str | None = None
+    locale: str | None = None
+    image_features: str | None = None
+
+
+class Lookup(Strict):
+    """A small table left-joined onto the catalog by a unique key (e.g. Instacart aisles)."""
+
+    path: str
+    key: str
+    format: Literal["csv", "json", "parquet"] = "csv"
+
+
+class CatalogConfig(Strict):
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    format: Literal["csv", "json", "parquet"] = "csv"
+    path: str | None = None
+    synthetic: SyntheticConfig | None = None
+    options: dict[str, str] = Field(default_factory=dict)
+    columns: ColumnMap
+    attributes: dict[str, str] = Field(default_factory=dict)
+    lookups: list[Lookup] = Field(default_factory=list)
+    category_separator: str = ">>"
+    bullet_separator: str = "|"
+    currency: str = "USD"
+    locale: str = "en_US"
+
+    @model_validator(mode="after")
+    def _source_given(self) -> CatalogConfig:
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("catalog needs exactly one of 'path' or 'synthetic'")
+        return self
+
+
+class CleanConfig(Strict):
+    max_title_chars: int = Field(400, ge=10)
+    max_description_chars: int = Field(5000, ge=0)
+    max_category_levels: int = Field(3, ge=1)
+    max_price: float = Field(1e8, gt=0)
+
+
+class Word2VecConfig(Strict):
+    """Corpus + gensim word2vec. Class defaults are the MRNet paper's (128-d, min_count 10);
+    conf/base.yaml sizes them for the small embedded catalog."""
+
+    fields: list[Literal["title", "description", "bullets"]] = Field(
+        default_factory=lambda: ["title", "description"], min_length=1
+    )
+    min_count: int = Field(10, ge=1)
+    max_vocab: int = Field(2_000_000, ge=1)  # bounds driver memory: ~(8 * dims + 500) B/word
+    dims: int = Field(128, ge=1)
+    window: int = Field(5, ge=1)
+    negative: int = Field(5, ge=1)
+    algorithm: Literal["cbow", "skipgram"] = "cbow"
+    epochs: int = Field(5, ge=1)
+    sample: float = Field(1e-3, ge=0.0)
+    workers: int = Field(0, ge=0)  # 0: every core of the driver
+    seed: int | None = None  # None: the top-level seed
+    probe_words: list[str] = Field(default_factory=list)
+    neighbours: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _fields_unique(self) -> Word2VecConfig:
+        if len(set(self.fields)) != len(self.fields):
+            raise ValueError(f"fields repeat: {self.fields}")
+        return self
+
+
+TaskKind = Literal["multiclass", "binary", "regression", "multilabel", "decoding"]
+TextField = Literal["title", "description", "bullets", "brand"]
+# A clean-catalog column, one attribute, one category level (0-based) or the whole path.
+_TASK_SOURCE = r"^([a-z_]+|attributes\.[A-Za-z0-9_]+|category_path(\[[0-9]+\])?)$"
+# Options that only one kind of task reads: giving one to another kind is a config error.
+_KIND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "multiclass": ("top_n",),
+    "binary": ("positive", "threshold", "max_pos_weight"),
+    "regression": ("log",),
+    "multilabel": ("max_depth", "min_count", "max_pos_weight"),
+    "decoding": ("vocab_size",),
+}
+
+
+class TaskSpec(Strict):
+    """One training task of the multi-task models, derived from the clean catalog by the
+    shard stage. The five kinds cover MRNet's tasks and Visual Meta's hierarchical labels."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    kind: TaskKind
+    source: str = Field(pattern=_TASK_SOURCE)
+    top_n: int | None = Field(None, ge=1)  # multiclass: top-N train values, the rest "other"
+    positive: list[str] | None = None  # binary: values meaning 1 (case-insensitive)
+    threshold: float | None = None  # binary on a number: value >= threshold means 1
+    log: bool = False  # regression: log1p before standardising
+    max_depth: int | None = Field(None, ge=1)  # multilabel: path levels used (None: all)
+    min_count: int = Field(1, ge=1)  # multilabel: train products a node needs to be a label
+    max_pos_weight: float = Field(100.0, gt=0)  # binary, multilabel: clip of negatives/positives
+    vocab_size: int = Field(5000, ge=1)  # decoding: top terms by train document frequency
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> TaskSpec:
+        # Compared with the defaults, not with the keys given, so a dumped config reloads.
+        options = {key for keys in _KIND_OPTIONS.values() for key in keys}
+        foreign = {key for key in options - set(_KIND_OPTIONS[self.kind])
+                   if getattr(self, key) != TaskSpec.model_fields[key].default}
+        if foreign:
+            raise ValueError(f"task '{self.name}' ({self.kind}) does not take {sorted(foreign)}")
+        if self.kind == "multiclass" and self.top_n is None:
+            raise ValueError(f"task '{self.name}': multiclass needs top_n")
+        if self.kind == "binary" and (self.positive is None) == (self.threshold is None):
+            raise ValueError(f"task '{self.name}': binary needs exactly one of positive, threshold")
+        if self.kind == "binary" and self.positive is not None and not self.positive:
+            raise ValueError(f"task '{self.name}': positive must list at least one value")
+        if (self.kind == "multilabel") != (self.source == "category_path"):
+            raise ValueError(f"task '{self.name}': source 'category_path' (the whole path) is "
+                             "for multilabel tasks, and multilabel tasks need it")
+        if self.kind == "decoding" and self.source not in ("title", "description"):
+            raise ValueError(f"task '{self.name}': decoding reads 'title' or 'description'")
+        return self
+
+
+class SplitConfig(Strict):
+    """Train/validation/test fractions; products with the same normalised title stay together."""
+
+    validation: float = Field(0.1, ge=0.0, lt=1.0)
+    test: float = Field(0.1, ge=0.0, lt=1.0)
+    stratify_by: str | None = None  # a multiclass, binary or multilabel task's name
+    seed: int | None = None  # None: the top-level seed
+
+    @model_validator(mode="after")
+    def _train_left(self) -> SplitConfig:
+        if self.validation + self.test >= 1.0:
+            raise ValueError("validation + test must leave rows for train")
+        return self
+
+
+class ShardConfig(Strict):
+    """Shard stage: token ids, task labels, split, Parquet shards for the training loader."""
+
+    tasks: list[TaskSpec] = Field(default_factory=list)
+    text_fields: dict[TextField, int] = Field(default_factory=lambda: {"title": 32})  # max ids
+    split: SplitConfig = SplitConfig()
+    per_group: bool = False  # one shard set per product group (MRNet: one model per group)
+    min_group_rows: int = Field(100, ge=1)  # per_group: smaller groups get no shard set
+    row_group_rows: int = Field(8192, ge=1)  # the loader's unit of work and of shuffling
+    rows_per_file: int = Field(1_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ShardConfig:
+        if "title" not in self.text_fields:
+            raise ValueError("text_fields must include title")
+        if any(length < 1 for length in self.text_fields.values()):
+            raise ValueError(f"text_fields lengths must be >= 1, got {self.text_fields}")
+        names = [task.name for task in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names repeat: {names}")
+        reserved = {"row_id", "product_id", "image_features", "image_missing"}
+        reserved |= {f"{field}_{part}" for field in self.text_fields for part in ("ids", "len")}
+        clashes = [name for name in names if name in reserved or name.endswith("_mask")]
+        if clashes:
+            raise ValueError(f"task names {clashes} clash with batch keys {sorted(reserved)} "
+                             "or end in _mask")
+        if self.split.stratify_by is not None:
+            kinds = {task.name: task.kind for task in self.tasks}
+            if kinds.get(self.split.stratify_by) not in ("multiclass", "binary", "multilabel"):
+                raise ValueError(f"split.stratify_by '{self.split.stratify_by}' must name a "
+                                 f"multiclass, binary or multilabel task of {names}")
+        return self
+
+
+class Config(Strict):
+    workdir: Path = Path("work")
+    seed: int = 42
+    spark: SparkConfig = SparkConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    catalog: CatalogConfig
+    clean: CleanConfig = CleanConfig()
+    word2vec: Word2VecConfig = Word2VecConfig()
+    shard: ShardConfig = ShardConfig()
+
+    @property
+    def catalog_dir(self) -> Path:
+        """Outputs of one catalog: several catalogs can share a workdir."""
+        return self.workdir / self.catalog.name
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.catalog_dir / stage
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def digest(self) -> str:
+        """Short stable hash of the resolved config, stamped on outputs."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in strings; secrets come only from the environment."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is None:
+                raise ConfigError(f"environment variable {name} is not set")
+            return default
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    return value
+
+
+def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge overlay into base. A `catalog` block that names a catalog replaces
+    the base catalog whole, so one catalog's column map never leaks into another's."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        replaces_catalog = key == "catalog" and isinstance(value, dict) and "name" in value
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not replaces_catalog:
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    dotted, raw = text.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {text!r} has an empty key")
+    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def conf_dir() -> Path:
+    """Where named overlays live: $PRODVEC_CONF_DIR, ./conf, or the repo's conf/."""
+    if "PRODVEC_CONF_DIR" in os.environ:
+        return Path(os.environ["PRODVEC_CONF_DIR"])
+    local = Path.cwd() / "conf"
+    return local if local.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _overlay_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"}:
+        if not candidate.is_file():
+            raise ConfigError(f"config file {candidate} does not exist")
+        return candidate
+    named = conf_dir() / f"{name_or_path}.yaml"
+    if not named.is_file():
+        known = sorted(p.stem for p in conf_dir().glob("*.yaml"))
+        raise ConfigError(f"no overlay named {name_or_path!r} in {conf_dir()} (known: {known})")
+    return named
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {problem['msg']} (got {problem.get('input')!r})")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def load_config(overlays: list[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve base + overlays + overrides into a validated Config."""
+    raw = _read_yaml(conf_dir() / "base.yaml")
+    for overlay in overlays or []:
+        raw = merge(raw, _read_yaml(_overlay_path(overlay)))
+    for override in overrides or []:
+        raw = merge(raw, parse_override(override))
+    try:
+        config = Config.model_validate(_expand_env(raw))
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None
+    return config.model_copy(update={"workdir": config.workdir.expanduser().resolve()})

@@ -1,0 +1,310 @@
+"""Clean stage: every defect lands where it should, and rows in = clean + quarantined + duplicates."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyspark.sql import functions as F
+
+from pipelines import clean
+from pipelines.config import Config, load_config
+from pipelines.errors import CatalogError
+from pipelines.synthetic import generate_catalog, write_catalog
+
+HEADER = [
+    "sku",
+    "name",
+    "description",
+    "bullets",
+    "brand",
+    "category",
+    "price",
+    "color",
+    "material",
+    "size",
+    "weight_kg",
+    "locale",
+]
+GOOD_TITLE = "Nike Men's Blue Cotton T-Shirt XL"
+
+
+def row(sku: str, name: str = GOOD_TITLE, price: str = "19.99", **fields: str) -> list[str]:
+    values = {
+        "sku": sku,
+        "name": name,
+        "description": "Soft <b>cotton</b> tee.",
+        "bullets": "Breathable | Machine wash",
+        "brand": "Nike",
+        "category": "Clothing >> Men's Clothing >> T-Shirts",
+        "price": price,
+        "color": "Blue",
+        "material": "Cotton",
+        "size": "XL",
+        "weight_kg": "0.20",
+        "locale": "en_US",
+        **fields,
+    }
+    return [values[column] for column in HEADER]
+
+
+# (defect, row, expected outcome): outcome is "clean", "exact_duplicate" or a quarantine reason.
+# With the two raw-byte rows below, the catalog carries 20 kinds of defect.
+CASES: list[tuple[str, list[str], str]] = [
+    ("currency_symbol_and_commas", row("ok1", price="$1,299.00"), "clean"),
+    (
+        "html_entities",
+        row("entity", name="L&#39;Or&eacute;al Paris Shampoo &amp; Conditioner"),
+        "clean",
+    ),
+    ("mojibake", row("mojibake", name="Coconut OilÂ\xa0500 ml Womenâ€™s"), "clean"),
+    (
+        "accents_and_brand_spaces",
+        row("accents", name="Café Crème Coffee Mug", brand="  Café Noir  "),
+        "clean",
+    ),
+    ("rupee_price", row("rupees", price="Rs. 999"), "clean"),
+    ("missing_price", row("noprice", price=""), "clean"),
+    (
+        "title_as_category_leaf",
+        row("leaf", category=f"Clothing >> Men's Clothing >> {GOOD_TITLE}"),
+        "clean",
+    ),
+    (
+        "truncated_category",
+        row("trunc", category="Home & Furniture >> Living Room Fur..."),
+        "clean",
+    ),
+    ("empty_title", row("notitle", name=""), "missing_title"),
+    ("punctuation_title", row("punct", name="!!! ??? ..."), "missing_title"),
+    ("long_title", row("long", name="Extra " * 100), "title_too_long"),
+    ("unparsable_price", row("badprice", price="call for price"), "unparsable_price"),
+    ("negative_price", row("negprice", price="-49.99"), "negative_price"),
+    ("huge_price", row("hugeprice", price="999999999999"), "price_out_of_range"),
+    ("replacement_char", row("fffd", name="Broken \ufffd Title"), "invalid_encoding"),
+    ("missing_id", row("", name="No Id Shirt"), "missing_product_id"),
+    ("id_conflict", row("conflict", price="10.00"), "duplicate_id_conflict"),
+    ("id_conflict", row("conflict", price="12.00"), "duplicate_id_conflict"),
+    ("exact_duplicate", row("twice"), "clean"),
+    ("exact_duplicate", row("twice"), "exact_duplicate"),
+    ("exact_duplicate", row("twice"), "exact_duplicate"),
+]
+RAW_BAD_BYTES = b"badbytes,Bad \xff\xfe Bytes Title,d,b,Nike,A >> B,5.00,Blue,Cotton,M,0.1,en_US\n"
+MALFORMED_LINE = (
+    "malformed,Too Many Fields,d,b,Nike,A >> B,5.00,Blue,Cotton,M,0.1,en_US,extra,more\n"
+)
+
+
+def catalog_config(path: Path, workdir: Path, fmt: str = "csv", *overrides: str) -> Config:
+    return load_config(
+        overrides=[
+            f"workdir={workdir}",
+            "catalog.synthetic=null",
+            f"catalog.path={path}",
+            f"catalog.format={fmt}",
+            *overrides,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def bad_catalog(spark, tmp_path_factory):
+    """The bad-input catalog, cleaned once; tests read its outputs."""
+    root = tmp_path_factory.mktemp("bad")
+    path = root / "bad.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(HEADER)
+        writer.writerows(case for _, case, _ in CASES)
+        handle.write(MALFORMED_LINE)
+    with path.open("ab") as handle:
+        handle.write(RAW_BAD_BYTES)
+    config = catalog_config(path, root / "work")
+    result = clean.run(spark, config)
+    catalog = {r["product_id"]: r.asDict() for r in clean.read_clean(spark, config).collect()}
+    quarantine = spark.read.parquet(result.outputs["quarantine"]).collect()
+    return result, catalog, quarantine
+
+
+def test_row_invariant(bad_catalog):
+    result, catalog, quarantine = bad_catalog
+    rows = result.rows
+    assert rows["in"] == len(CASES) + 2
+    assert rows["in"] == rows["clean"] + rows["quarantined"] + rows["exact_duplicates"]
+    assert rows["clean"] == len(catalog)
+    assert rows["quarantined"] == len(quarantine)
+    assert rows["exact_duplicates"] == 2
+
+
+@pytest.mark.parametrize(
+    ("defect", "case", "expected"),
+    [case for case in CASES if case[2] not in ("clean", "exact_duplicate")],
+    ids=[case[0] for case in CASES if case[2] not in ("clean", "exact_duplicate")],
+)
+def test_each_bad_row_has_its_reason(bad_catalog, defect, case, expected):
+    _, _, quarantine = bad_catalog
+    sku = case[0]
+    matches = [q for q in quarantine if (q["product_id"] or "") == sku]
+    assert matches, f"{sku!r} not quarantined"
+    assert {q["reason"] for q in matches} == {expected}
+    for q in matches:
+        assert q["message"]
+        assert (json.loads(q["source_row"])["name"] or "") == case[1]  # CSV reads "" as null
+        assert q["source_file"].endswith("bad.csv")
+
+
+def test_malformed_and_undecodable_rows_are_quarantined(bad_catalog):
+    _, catalog, quarantine = bad_catalog
+    reasons = {q["product_id"]: q["reason"] for q in quarantine}
+    assert reasons.get("badbytes") == "invalid_encoding"
+    malformed = [q for q in quarantine if q["reason"] == "malformed_record"]
+    assert len(malformed) == 1
+    assert "Too Many Fields" in malformed[0]["source_row"]
+    assert "malformed" not in catalog and "badbytes" not in catalog
+
+
+def test_clean_rows_are_normalised(bad_catalog):
+    _, catalog, _ = bad_catalog
+    assert catalog["ok1"]["title"] == "nike mens blue cotton t shirt xl"
+    assert catalog["ok1"]["title_raw"] == GOOD_TITLE
+    assert catalog["ok1"]["price"] == 1299.0 and catalog["ok1"]["currency"] == "USD"
+    assert catalog["entity"]["title"] == "loreal paris shampoo conditioner"
+    assert catalog["mojibake"]["title"] == "coconut oil 500 ml womens"
+    assert catalog["accents"]["title"] == "cafe creme coffee mug"
+    assert catalog["accents"]["brand"] == "cafe noir"
+    assert catalog["rupees"]["price"] == 999.0 and catalog["rupees"]["currency"] == "INR"
+    assert catalog["noprice"]["price"] is None and catalog["noprice"]["currency"] is None
+    assert catalog["ok1"]["category_path"] == ["Clothing", "Men's Clothing", "T-Shirts"]
+    assert catalog["leaf"]["category_path"] == ["Clothing", "Men's Clothing"]
+    assert catalog["trunc"]["category_path"] == ["Home & Furniture"]
+    assert catalog["ok1"]["product_group"] == "clothing"
+    assert catalog["trunc"]["product_group"] == "home_furniture"
+    assert catalog["ok1"]["description"] == "soft cotton tee"
+    assert catalog["ok1"]["bullets"] == ["breathable", "machine wash"]
+    assert catalog["ok1"]["attributes"] == {
+        "color": "blue",
+        "material": "cotton",
+        "size": "xl",
+        "weight_kg": "0.20",
+    }
+    assert catalog["twice"]["content_hash"] == catalog["ok1"]["content_hash"]
+    assert catalog["entity"]["content_hash"] != catalog["ok1"]["content_hash"]
+    for product in catalog.values():
+        assert product["title"].isascii() and product["source"] == "synthetic"
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet"])
+def test_json_lines_and_parquet_catalogs(spark, tmp_path, fmt):
+    frame = pd.DataFrame([case for _, case, _ in CASES], columns=HEADER)
+    path = tmp_path / f"catalog.{fmt}"
+    if fmt == "json":
+        text = frame.to_json(orient="records", lines=True) + "{not json at all\n"
+        path.write_text(text)
+    else:
+        frame.to_parquet(path)
+    result = clean.run(spark, catalog_config(path, tmp_path / "work", fmt))
+    corrupt = 1 if fmt == "json" else 0
+    assert result.rows["in"] == len(CASES) + corrupt
+    assert result.rows["clean"] == sum(outcome == "clean" for _, _, outcome in CASES)
+    assert result.rows["exact_duplicates"] == 2
+    quarantine = spark.read.parquet(result.outputs["quarantine"])
+    assert quarantine.filter(F.col("reason") == "malformed_record").count() == corrupt
+
+
+def test_missing_mapped_column_names_it_before_work(spark, tmp_path):
+    path = tmp_path / "c.csv"
+    pd.DataFrame([row("a")], columns=HEADER).drop(columns=["brand"]).to_csv(path, index=False)
+    with pytest.raises(CatalogError, match=r"column 'brand' \(mapped to brand\) not found"):
+        clean.run(spark, catalog_config(path, tmp_path / "work"))
+    assert not (tmp_path / "work" / "synthetic" / "clean").exists()
+
+
+def test_wrong_column_type_names_it(spark, tmp_path):
+    path = tmp_path / "c.parquet"
+    table = pa.table({column: [value] for column, value in zip(HEADER, row("a"))})
+    table = table.set_column(HEADER.index("name"), "name", pa.array([{"en": "x"}]))
+    pq.write_table(table, path)
+    with pytest.raises(CatalogError, match=r"column 'name' \(mapped to title\) has type struct"):
+        clean.run(spark, catalog_config(path, tmp_path / "work", "parquet"))
+
+
+def test_missing_file_is_a_clear_error(spark, tmp_path):
+    with pytest.raises(CatalogError, match="does not exist"):
+        clean.run(spark, catalog_config(tmp_path / "nope.csv", tmp_path / "work"))
+
+
+def test_synthetic_defects_land_where_expected(spark, tmp_path):
+    frame = generate_catalog(rows=3000, seed=11, dirty_fraction=0.1)
+    path = tmp_path / "synthetic.csv"
+    write_catalog(frame, path, "csv")
+    config = catalog_config(path, tmp_path / "work")
+    result = clean.run(spark, config)
+    assert result.rows["in"] == 3000
+    assert (
+        result.rows["in"]
+        == result.rows["clean"] + result.rows["quarantined"] + result.rows["exact_duplicates"]
+    )
+    reasons = {
+        r["product_id"]: r["reason"]
+        for r in spark.read.parquet(result.outputs["quarantine"]).collect()
+    }
+    expected = {
+        "missing_title": "missing_title",
+        "long_title": "title_too_long",
+        "bad_price": "unparsable_price",
+        "negative_price": "negative_price",
+        "invalid_encoding": "invalid_encoding",
+        "id_conflict": "duplicate_id_conflict",
+    }
+    for defect, reason in expected.items():
+        skus = frame.loc[frame["defect"] == defect, "sku"]
+        assert len(skus) > 0, defect
+        assert all(reasons.get(sku) == reason for sku in skus), defect
+    repaired = frame.loc[
+        frame["defect"].isin(["html_entity", "mojibake", "accents", "brand_spaces", "html_tags"]),
+        "sku",
+    ]
+    cleaned = {r["product_id"]: r for r in clean.read_clean(spark, config).collect()}
+    assert all(sku in cleaned for sku in repaired)
+    assert all(cleaned[sku]["title"].isascii() for sku in repaired)
+    assert result.rows["exact_duplicates"] == (frame["defect"] == "exact_duplicate").sum()
+
+
+# catalog: (rows in the file, least share of clean rows with a category, with a price).
+# Amazon's sample has 86 rows without a category, Flipkart ~1.6% whose path is only the
+# (truncated) title; Instacart has no prices at all.
+REAL = {
+    "flipkart": (20_000, 0.98, 0.99),
+    "bigbasket": (27_555, 0.99, 0.99),
+    "instacart": (49_688, 0.99, 0.0),
+    "amazon2020": (1_000, 0.9, 0.9),
+}
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", REAL)
+def test_real_catalogs(spark, shared_data, tmp_path, name, monkeypatch):
+    monkeypatch.setenv("PRODVEC_DATA", str(shared_data))
+    config = load_config([name], [f"workdir={tmp_path}"])
+    result = clean.run(spark, config)
+    rows = result.rows
+    expected_rows, with_category, with_price = REAL[name]
+    assert rows["in"] == expected_rows
+    assert rows["in"] == rows["clean"] + rows["quarantined"] + rows["exact_duplicates"]
+    assert rows["clean"] >= 0.9 * rows["in"]
+    products = clean.read_clean(spark, config)
+    bad_text = products.filter(
+        F.col("title").rlike(r"[^a-z0-9. ]")
+        | F.col("title").contains("&")
+        | F.col("brand").rlike(r"^\s|\s$")
+        | (F.size("category_path") > 3)
+        | F.exists("category_path", lambda level: level.endswith("..."))
+    )
+    assert bad_text.count() == 0
+    assert products.filter(F.size("category_path") >= 1).count() >= with_category * rows["clean"]
+    assert products.filter(F.col("price").isNotNull()).count() >= with_price * rows["clean"]
