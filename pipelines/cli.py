@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from pipelines.config import load_config
+from pipelines.config import Config, load_config
 from pipelines.errors import ProdvecError
 from pipelines.stages import STAGES, run_pipeline, run_stage, summary
 
@@ -38,7 +38,24 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("config", parents=[common], help="print the resolved configuration")
     for stage in STAGES:
         commands.add_parser(stage.name, parents=[common], help=stage.purpose)
+    vacuum = commands.add_parser(
+        "vacuum", parents=[common],
+        help="delete embedding-table files no retained version references (crashed runs' too)")
+    vacuum.add_argument("--table", help="table path (default: embed.table_path)")
+    vacuum.add_argument("--retention-hours", type=int, default=None,
+                        help="keep files younger than this (default: embed.vacuum_retention_hours)")
+    vacuum.add_argument("--dry-run", action="store_true", help="list, delete nothing")
     return parser
+
+
+def _vacuum(config: Config, table: str | None, hours: int | None, dry_run: bool) -> str:
+    from pipelines.delta import table_path, vacuum  # deltalake loads only for this command
+
+    path = table or table_path(config)
+    hours = config.embed.vacuum_retention_hours if hours is None else hours
+    removed = vacuum(path, dry_run=dry_run, retention_hours=hours)
+    verb = "would remove" if dry_run else "removed"
+    return "\n".join([f"vacuum {path}: {verb} {len(removed)} file(s)", *removed])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.conf or ["local"], args.overrides)
         if args.command == "config":
             print(config.to_yaml(), end="")
+        elif args.command == "vacuum":
+            print(_vacuum(config, args.table, args.retention_hours, args.dry_run))
         elif args.command == "run":
             print(summary(config, run_pipeline(config)))
         else:

@@ -231,6 +231,58 @@ class ShardConfig(Strict):
         return self
 
 
+class GroupAutoencoderConfig(Strict):
+    """The sparse autoencoder that maps per-group MRNet embeddings to one group-agnostic
+    space (MRNet section 3.2); trained in one process after the group models."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(256, ge=2)  # the KL sparsity term averages over the batch
+    lr: float = Field(1e-3, gt=0)
+    rho: float = Field(0.05, gt=0, lt=1)  # target mean activation of a hidden unit
+    beta: float = Field(3.0, ge=0)  # weight of the sparsity penalty
+
+
+class TrainConfig(Strict):
+    """Train stage: MRNet with data-parallel PyTorch launched from Spark (TorchDistributor),
+    or in the driver for debugging (`distributed: false` or `num_processes: 1`)."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=1)  # per process: the global batch is this x processes
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(5.0, gt=0)  # max gradient norm; None: no clipping
+    embedding_size: int = Field(128, ge=2, multiple_of=2)  # the paper: 128 (per group), 256
+    freeze_embeddings: bool = False  # keep the word2vec vectors fixed
+    optimisation: Literal["joint", "alternating"] = "joint"
+    tasks: list[str] = Field(default_factory=list)  # shard tasks to train on; empty: all
+    distributed: bool = True  # false: the single-process path, in the driver
+    num_processes: int = Field(2, ge=1)  # one per GPU on GPU machines
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the processes see one
+    mixed_precision: bool = True  # autocast on CUDA (bf16, else fp16 + loss scaling)
+    threads_per_process: int = Field(0, ge=0)  # 0: cores / processes (cluster: spark.task.cpus)
+    loader_workers: int = Field(0, ge=0)  # DataLoader worker processes per training process
+    patience: int = Field(3, ge=1)  # early stopping: epochs without a better validation loss
+    min_delta: float = Field(0.0, ge=0)  # the smallest decrease that counts as better
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: a checkpoint at each epoch end only
+    calibration_batches: int = Field(20, ge=1)  # train batches that set the loss normaliser
+    resume: bool = True  # continue from the last checkpoint of the same training setup
+    seed: int | None = None  # None: the top-level seed
+    registered_model_name: str | None = None  # None: prodvec-mrnet[-pg]-<catalog>
+    per_group: bool = False  # one MRNet per product group, then the group autoencoder
+    group_autoencoder: GroupAutoencoderConfig = GroupAutoencoderConfig()
+
+
+class EmbedConfig(Strict):
+    """The embedding table (pipelines/delta.py): where it lives, which writer commits it,
+    how big its files get, and how long vacuum keeps unreferenced files."""
+
+    table_path: str | None = None  # None: <workdir>/<catalog>/embed/table
+    writer: Literal["deltalake", "delta-spark"] = "deltalake"  # delta-spark: needs its jar
+    rows_per_file: int = Field(400_000, ge=1)  # ~256 MB at 128-d float32
+    vacuum_retention_hours: int = Field(168, ge=0)  # must exceed the longest embed job
+
+
 class Config(Strict):
     workdir: Path = Path("work")
     seed: int = 42
@@ -240,6 +292,8 @@ class Config(Strict):
     clean: CleanConfig = CleanConfig()
     word2vec: Word2VecConfig = Word2VecConfig()
     shard: ShardConfig = ShardConfig()
+    embed: EmbedConfig = EmbedConfig()
+    train: TrainConfig = TrainConfig()
 
     @property
     def catalog_dir(self) -> Path:

@@ -17,5 +17,9 @@ class CatalogError(ProdvecError):
     """A catalog cannot be read as configured (missing file, column, wrong type)."""
 
 
+class TableError(ProdvecError):
+    """The embedding table refuses a commit (contract, model mix, conflicts) or a request."""
+
+
 class StageNotBuilt(ProdvecError):
     """The stage is planned but not implemented yet."""
