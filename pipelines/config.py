@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipelines.errors import ConfigError
 
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -49,7 +49,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("clean", "read catalogs, normalise, quarantine bad rows", "pipelines.clean"),
     Stage("corpus", "title corpus, Spark-counted vocabulary, word2vec", "pipelines.corpus"),
     Stage("shard", "tokenised, labelled, split Parquet training shards", "pipelines.shard"),
-    Stage("train", "MRNet / master model, data-parallel from Spark", None),
+    Stage("train", "MRNet / master model, data-parallel from Spark", "pipelines.train"),
     Stage("embed", "distributed inference into a versioned Delta table", None),
     Stage("evaluate", "probes, retrieval recall, indexes, drift", None),
 )
