@@ -308,12 +308,15 @@ def transform(frame: DataFrame, config: Config) -> DataFrame:
         "product_group", F.coalesce(F.nullif(group, F.lit("")), F.lit("unknown"))
     ).withColumn("content_hash", F.sha2(content, 256))
 
-    by_row = Window.partitionBy("_row_hash").orderBy("_source_file")
-    staged = staged.withColumn("_duplicate", F.row_number().over(by_row) > 1)
+    # One shuffle serves both windows: (product_id, row hash) partitions are clustered by
+    # product_id, and exact duplicates share both keys.
     by_id = Window.partitionBy("product_id")
-    distinct = F.when(~F.col("_duplicate"), F.col("_row_hash"))
     conflict = F.col("product_id").isNotNull() & (
-        F.min(distinct).over(by_id) != F.max(distinct).over(by_id)
+        F.min("_row_hash").over(by_id) != F.max("_row_hash").over(by_id)
+    )
+    by_row = Window.partitionBy("product_id", "_row_hash").orderBy("_source_file")
+    staged = staged.withColumn("_conflict", conflict).withColumn(
+        "_duplicate", F.row_number().over(by_row) > 1
     )
 
     checks: list[tuple[str, Column, Column]] = [
@@ -364,7 +367,7 @@ def transform(frame: DataFrame, config: Config) -> DataFrame:
         ),
         (
             "duplicate_id_conflict",
-            ~F.col("_duplicate") & conflict,
+            ~F.col("_duplicate") & F.col("_conflict"),
             F.lit("product_id appears on rows with different content"),
         ),
     ]

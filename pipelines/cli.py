@@ -13,7 +13,7 @@ import logging
 import sys
 
 from pipelines.config import Config, load_config
-from pipelines.errors import ProdvecError
+from pipelines.errors import ConfigError, ProdvecError
 from pipelines.stages import STAGES, run_pipeline, run_stage, summary
 
 
@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("run", parents=[common], help="run every built stage in order")
     commands.add_parser("config", parents=[common], help="print the resolved configuration")
     for stage in STAGES:
-        commands.add_parser(stage.name, parents=[common], help=stage.purpose)
+        sub = commands.add_parser(stage.name, parents=[common], help=stage.purpose)
+        if stage.name == "embed":
+            _embed_arguments(sub)
     vacuum = commands.add_parser(
         "vacuum", parents=[common],
         help="delete embedding-table files no retained version references (crashed runs' too)")
@@ -48,8 +50,45 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _embed_arguments(parser: argparse.ArgumentParser) -> None:
+    """`prodvec embed` alone runs the stage (clean catalog -> embedding table); with --input
+    it embeds one file ad hoc and touches no table."""
+    parser.description = ("Without --input: the embed stage (the clean catalog into the "
+                          "embedding table, model from --model or embed.model_uri). With "
+                          "--input: ad hoc, clean and embed one CSV / JSON lines / Parquet "
+                          "file or folder into --output (Parquet, one row per input row); "
+                          "no table is touched.")
+    parser.add_argument("--model", help="model URI: models:/name@alias, models:/name/version, "
+                        "runs:/... (default: embed.model_uri, else the @candidate model)")
+    parser.add_argument("--input", help="ad hoc: the products file or folder to embed")
+    parser.add_argument("--output", help="ad hoc: output Parquet folder (required with --input)")
+    parser.add_argument("--id-col", default="id", help="ad hoc: product id column (default id)")
+    parser.add_argument("--text-col", default="title", help="ad hoc: title column (default title)")
+    parser.add_argument("--group-col", help="ad hoc: product group column (per-group models)")
+    parser.add_argument("--format", choices=["csv", "json", "parquet"],
+                        help="ad hoc: input format (default: by extension, else parquet)")
+
+
+def _embed(config: Config, args: argparse.Namespace) -> str:
+    from pipelines import tracking
+    from pipelines.embed import default_model_uri, embed_file  # torch loads only here
+    from pipelines.spark import get_spark
+
+    if not (args.input and args.output):
+        raise ConfigError("prodvec embed ad hoc needs both --input and --output")
+    tracking.configure(config)
+    counts = embed_file(get_spark(config.spark), config,
+                        model_uri=args.model or default_model_uri(config), input_path=args.input,
+                        output=args.output, id_col=args.id_col, text_col=args.text_col,
+                        group_col=args.group_col, fmt=args.format)
+    return f"embed {args.input} -> {args.output}: {counts}"
+
+
 def _vacuum(config: Config, table: str | None, hours: int | None, dry_run: bool) -> str:
-    from pipelines.delta import table_path, vacuum  # deltalake loads only for this command
+    from pipelines.delta import (  # deltalake loads only for this command
+        table_path,
+        vacuum,
+    )
 
     path = table or table_path(config)
     hours = config.embed.vacuum_retention_hours if hours is None else hours
@@ -73,9 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             print(config.to_yaml(), end="")
         elif args.command == "vacuum":
             print(_vacuum(config, args.table, args.retention_hours, args.dry_run))
+        elif args.command == "embed" and (args.input or args.output):
+            print(_embed(config, args))
         elif args.command == "run":
             print(summary(config, run_pipeline(config)))
         else:
+            if args.command == "embed" and args.model:
+                overrides = [*args.overrides, f"embed.model_uri={args.model}"]
+                config = load_config(args.conf or ["local"], overrides)
             result = run_stage(args.command, config)
             print(f"{args.command}: {result.rows} -> {result.outputs}")
     except ProdvecError as err:

@@ -241,6 +241,7 @@ class GroupAutoencoderConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     rho: float = Field(0.05, gt=0, lt=1)  # target mean activation of a hidden unit
     beta: float = Field(3.0, ge=0)  # weight of the sparsity penalty
+    max_rows_per_group: int = Field(500_000, ge=1)  # embeddings per group and split (paper)
 
 
 class TrainConfig(Strict):
@@ -282,6 +283,12 @@ class EmbedConfig(Strict):
     writer: Literal["deltalake", "delta-spark"] = "deltalake"  # delta-spark: needs its jar
     rows_per_file: int = Field(400_000, ge=1)  # ~256 MB at 128-d float32
     vacuum_retention_hours: int = Field(168, ge=0)  # must exceed the longest embed job
+    # The model: null means models:/<train.registered_model_name or prodvec-mrnet-<catalog>>
+    # @candidate (prodvec-mrnet-pg-<catalog> with train.per_group).
+    model_uri: str | None = None
+    batch_size: int = Field(1024, ge=1)  # rows per forward pass on a CPU task
+    gpu_batch_size: int = Field(8192, ge=1)  # rows per forward pass on a task's GPU
+    app_id: str | None = None  # idempotency key of the commit; null: the MLflow run id
 
 
 class Config(Strict):

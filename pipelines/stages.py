@@ -50,7 +50,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("corpus", "title corpus, Spark-counted vocabulary, word2vec", "pipelines.corpus"),
     Stage("shard", "tokenised, labelled, split Parquet training shards", "pipelines.shard"),
     Stage("train", "MRNet / master model, data-parallel from Spark", "pipelines.train"),
-    Stage("embed", "distributed inference into a versioned Delta table", None),
+    Stage("embed", "distributed inference into a versioned Delta table", "pipelines.embed"),
     Stage("evaluate", "probes, retrieval recall, indexes, drift", None),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)

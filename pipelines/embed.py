@@ -1,0 +1,363 @@
+"""Embed stage: the registered model over the clean catalog, into the embedding table.
+
+How it runs:
+1. The driver resolves the model URI to one registry version (an alias can move while we
+   run; the version cannot), downloads it once to a local folder and loads it once to learn
+   what it takes as input (`input_kind`) and how wide its output is.
+2. Executors read that folder: its path directly in local mode or on a shared filesystem,
+   a `SparkContext.addFile` copy otherwise. Each Python worker loads the model once and
+   keeps it in `_MODELS` (Spark reuses Python workers by default, `spark.python.worker.reuse`),
+   so later tasks on the worker pay nothing. The accumulator `model_loads` says how often
+   that happened.
+3. `mapInArrow` hands Arrow batches to `_embed_batches`: tokenise the normalised title
+   (`tokenize_arrow`), map tokens to the training vocabulary's ids, forward in
+   `embed.batch_size` chunks under `torch.inference_mode` with one torch thread per task on
+   CPU, or in `embed.gpu_batch_size` chunks on the GPU Spark assigned to the task. The
+   embeddings go back as one list<float32> column built from the flat output buffer.
+4. `EmbeddingTable.plan_refresh` decides what to embed: with the model the table already
+   holds, new and changed products only; after a new model, everything. One commit.
+
+Models: `TitleEncoder` (MRNet; title ids) and `GroupEncoder` (per-group MRNets through the
+sparse autoencoder; group index + title ids). The master model of issue 6 will be one more
+`InputKind`, one branch in `input_kind` and one in `_model_inputs`.
+
+`embed_file` is the ad-hoc path (`prodvec embed --model --input --output`): any CSV, JSON
+lines or Parquet of products, cleaned by the clean stage's transform, one output row per
+input row (rows the clean stage would quarantine carry its reason and no embedding).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from mlflow import MlflowClient
+from pyspark import SparkFiles, StorageLevel, TaskContext
+from pyspark.accumulators import Accumulator
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from torch import nn
+
+from models.encoders import GroupEncoder, TitleEncoder
+from pipelines import clean
+from pipelines.config import CatalogConfig, ColumnMap, Config
+from pipelines.delta import EmbeddingTable
+from pipelines.errors import ProdvecError
+from pipelines.stages import StageResult
+from pipelines.tokenizer import Vocabulary, tokenize_arrow
+
+log = logging.getLogger(__name__)
+
+InputKind = Literal["title", "group_title"]
+EMBEDDING = T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False))
+_VECTOR = pa.list_(pa.field("element", pa.float32(), nullable=False))
+_SHIPPED = "sparkfiles:"  # a model folder reference resolved by SparkFiles.get on executors
+_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json"}
+
+
+class EmbedError(ProdvecError):
+    """The model cannot be resolved, loaded or run as the embed stage needs."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to embed, small enough to ship in every task's closure."""
+
+    uri: str  # the pinned URI (models:/name/version) or what the user gave
+    name: str
+    version: str
+    folder: str  # local model folder, or _SHIPPED + its name
+    kind: InputKind
+    dimension: int
+    max_len: int
+    groups: tuple[str, ...]  # group_title: the name of each group index
+    batch_size: int
+    gpu_batch_size: int
+
+
+# ---- the driver: resolve, download, inspect -------------------------------------------------
+
+
+def default_model_uri(config: Config) -> str:
+    """`embed.model_uri`, else the train stage's registered model at alias `candidate`."""
+    if config.embed.model_uri:
+        return config.embed.model_uri
+    suffix = "pg-" if config.train.per_group else ""
+    name = config.train.registered_model_name or f"prodvec-mrnet-{suffix}{config.catalog.name}"
+    return f"models:/{name}@candidate"
+
+
+def pin(uri: str) -> tuple[str, str, str]:
+    """(pinned URI, model name, version): `models:/n@alias` and `models:/n/v` become
+    `models:/n/<version>`; any other URI (runs:/, a logged model's models:/m-..., a folder)
+    is its own name, version '0'."""
+    ref = uri[len("models:/"):]
+    if not uri.startswith("models:/") or not ("@" in ref or "/" in ref):
+        return uri, uri, "0"
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            name, version = ref.rsplit("/", 1)
+            client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as err:
+        raise EmbedError(f"cannot resolve {uri} in {mlflow.get_tracking_uri()}: {err}") from err
+    return f"models:/{name}/{version}", name, str(version)
+
+
+def input_kind(module: nn.Module) -> InputKind:
+    """What the model's forward takes, from its type (the one dispatch point)."""
+    if isinstance(module, GroupEncoder):
+        return "group_title"
+    if isinstance(module, TitleEncoder):
+        return "title"
+    raise EmbedError(f"the embed stage does not know the input of {type(module).__name__} "
+                     "(known: TitleEncoder, GroupEncoder; the master model is not built yet)")
+
+
+def prepare_model(uri: str, cache: Path, *, batch_size: int = 1024,
+                  gpu_batch_size: int = 8192) -> ModelSpec:
+    """Pin, download once into `cache/<name>/<version>`, load once to learn input and width."""
+    pinned, name, version = pin(uri)
+    folder = cache / _slug(name) / version if version != "0" else None
+    if folder is None or not (folder / "MLmodel").is_file():
+        target = cache / "download"
+        target.mkdir(parents=True, exist_ok=True)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(target)))
+        if folder is None:
+            folder = local
+        else:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(local, folder)
+    module = mlflow.pytorch.load_model(str(folder), map_location="cpu")
+    kind = input_kind(module)
+    tokenizer = json.loads((folder / "extra_files" / "tokenizer.json").read_text())
+    max_len = int(tokenizer["max_len"])
+    groups = tuple(module.groups) if kind == "group_title" else ()
+    with torch.inference_mode():
+        example = np.zeros((1, max_len + (kind == "group_title")), dtype=np.int64)
+        example[0, -max_len] = 2  # one real token after the group column
+        dimension = int(module(torch.from_numpy(example)).shape[1])
+    log.info("embed: model %s (%s) in %s: %s input, %d-d output", pinned, uri, folder, kind,
+             dimension)
+    return ModelSpec(pinned, name, version, str(folder), kind, dimension, max_len, groups,
+                     batch_size, gpu_batch_size)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def ship(spark: SparkSession, spec: ModelSpec) -> ModelSpec:
+    """Local mode shares the driver's disk; a cluster gets a copy per executor by addFile
+    (or keep the folder on a filesystem every executor mounts at the same path)."""
+    if spark.sparkContext.master.startswith("local"):
+        return spec
+    spark.sparkContext.addFile(spec.folder, recursive=True)
+    return _replace(spec, folder=_SHIPPED + Path(spec.folder).name)
+
+
+def _replace(spec: ModelSpec, **changes: Any) -> ModelSpec:
+    return ModelSpec(**{**spec.__dict__, **changes})
+
+
+# ---- the workers: one model per Python worker, Arrow batches in and out ---------------------
+
+_MODELS: dict[tuple[str, str], tuple[nn.Module, Vocabulary]] = {}
+
+
+def _task_device() -> torch.device:
+    """The GPU Spark assigned to this task, else the CPU."""
+    context = TaskContext.get()
+    gpus = context.resources().get("gpu") if context is not None else None
+    if gpus is not None and gpus.addresses and torch.cuda.is_available():
+        return torch.device(f"cuda:{gpus.addresses[0]}")
+    return torch.device("cpu")
+
+
+def _cached_model(spec: ModelSpec, device: torch.device) -> tuple[nn.Module, Vocabulary, bool]:
+    """The worker's model and vocabulary, loaded on first use; True when this call loaded."""
+    key = (spec.folder, str(device))
+    if key in _MODELS:
+        return *_MODELS[key], False
+    folder = SparkFiles.get(spec.folder[len(_SHIPPED):]) if spec.folder.startswith(
+        _SHIPPED) else spec.folder
+    module = mlflow.pytorch.load_model(folder, map_location=device).to(device).eval()
+    vocabulary = Vocabulary.load(Path(folder) / "extra_files" / "vocabulary.parquet")
+    _MODELS[key] = (module, vocabulary)
+    return module, vocabulary, True
+
+
+def _model_inputs(spec: ModelSpec, batch: pa.RecordBatch, vocabulary: Vocabulary) -> np.ndarray:
+    """The int64 array the model's forward takes, per input kind."""
+    ids = vocabulary.encode(tokenize_arrow(batch.column("title")), spec.max_len).astype(np.int64)
+    if spec.kind == "title":
+        return ids
+    names = batch.column("product_group").to_numpy(zero_copy_only=False)
+    group = pd.Index(spec.groups).get_indexer(names)
+    if (group < 0).any():
+        raise EmbedError(f"product groups {sorted(set(names[group < 0]))} are not in the "
+                         f"model's groups {list(spec.groups)}")
+    return np.concatenate([group[:, None].astype(np.int64), ids], axis=1)
+
+
+def embed_arrays(module: nn.Module, inputs: np.ndarray, batch_size: int,
+                 device: torch.device) -> np.ndarray:
+    """float32 [rows, d] in `batch_size` chunks; no autograd state is kept."""
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            chunk = torch.from_numpy(inputs[start:start + batch_size]).to(device)
+            parts.append(module(chunk).float().cpu().numpy())
+    if not parts:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(parts)
+
+
+def _vectors(embeddings: np.ndarray, rows: int) -> pa.ListArray:
+    """list<float32> over the flat buffer: offsets and values, no per-row Python."""
+    width = embeddings.shape[1] if rows else 0
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
+    values = pa.array(embeddings.reshape(-1), type=pa.float32())
+    return pa.ListArray.from_arrays(offsets, values, type=_VECTOR)
+
+
+def _embed_batches(batches: Iterator[pa.RecordBatch], spec: ModelSpec, carry: list[str],
+                   loads: Accumulator[int]) -> Iterator[pa.RecordBatch]:
+    device = _task_device()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # Spark runs one task per core: threads would oversubscribe
+    module, vocabulary, loaded = _cached_model(spec, device)
+    loads.add(int(loaded))
+    size = spec.batch_size if device.type == "cpu" else spec.gpu_batch_size
+    for batch in batches:
+        embeddings = embed_arrays(module, _model_inputs(spec, batch, vocabulary), size, device)
+        yield pa.RecordBatch.from_arrays(
+            [*(batch.column(name) for name in carry), _vectors(embeddings, batch.num_rows)],
+            names=[*carry, EMBEDDING.name])
+
+
+def embed_frame(frame: DataFrame, spec: ModelSpec, carry: tuple[str, ...] = (
+        "product_id", "content_hash")) -> tuple[DataFrame, Accumulator[int]]:
+    """The `carry` columns plus `embedding` (array<float>) for every row of `frame`, which
+    holds title (normalised) and, for group models, product_group; plus the accumulator
+    counting model loads (read it after an action)."""
+    loads = frame.sparkSession.sparkContext.accumulator(0)
+    needed = ["title", *(["product_group"] if spec.kind == "group_title" else [])]
+    columns = list(dict.fromkeys([*carry, *needed]))
+    schema = T.StructType([*(frame.schema[name] for name in carry), EMBEDDING])
+    names = list(carry)
+    out = frame.select(*columns).mapInArrow(
+        lambda batches: _embed_batches(batches, spec, names, loads), schema)
+    return out, loads
+
+
+# ---- the stage -------------------------------------------------------------------------------
+
+
+def run(spark: SparkSession, config: Config) -> StageResult:
+    """Embed what the table lacks (or everything after a new model) and commit one version."""
+    settings = config.embed
+    spec = ship(spark, prepare_model(default_model_uri(config), config.stage_dir("embed") / "models",
+                                     batch_size=settings.batch_size,
+                                     gpu_batch_size=settings.gpu_batch_size))
+    catalog = clean.read_clean(spark, config).select(
+        "product_id", "content_hash", "title", "product_group")
+    rows: dict[str, int] = {}
+    if spec.kind == "group_title":
+        known = F.col("product_group").isin(list(spec.groups))
+        rows["unknown_group"] = catalog.filter(~known).count()
+        if rows["unknown_group"]:
+            log.warning("embed: %d products are in groups the model has no encoder for; they "
+                        "get no embedding", rows["unknown_group"])
+        catalog = catalog.filter(known)
+    table = EmbeddingTable.from_config(config)
+    plan = table.plan_refresh(spark, catalog, model_name=spec.name, model_version=spec.version)
+    log.info("embed: %s refresh (%s)", plan.mode, plan.reason)
+    embedded, loads = embed_frame(plan.to_embed, spec)
+    run_id = mlflow.active_run().info.run_id if mlflow.active_run() else "no-mlflow-run"
+    result = table.commit(
+        embedded, app_id=settings.app_id or run_id, run_id=run_id, model_uri=spec.uri,
+        model_name=spec.name, model_version=spec.version, config_hash=config.digest(),
+        mode=plan.mode, dimension=spec.dimension, deleted=plan.deleted)
+    rows.update({"embedded": result.embedded_rows, "carried": result.carried_rows,
+                 "removed": result.removed_rows, "table": result.rows})
+    if mlflow.active_run():
+        mlflow.set_tags({"prodvec.embed.mode": plan.mode, "prodvec.embed.model": spec.uri})
+    return StageResult(
+        rows=rows,
+        outputs={"table": table.uri, "version": str(result.version), "model_uri": spec.uri,
+                 "mode": plan.mode},
+        metrics={"model_loads": float(loads.value), "committed": float(result.committed),
+                 "dimension": float(spec.dimension)})
+
+
+# ---- ad hoc: any product file -----------------------------------------------------------------
+
+
+def infer_format(path: str) -> Literal["csv", "json", "parquet"]:
+    """By extension; folders and anything else are read as Parquet."""
+    return _FORMATS.get(Path(path).suffix.lower(), "parquet")  # type: ignore[return-value]
+
+
+def embed_file(spark: SparkSession, config: Config, *, model_uri: str, input_path: str,
+               output: str, id_col: str | None = "id", text_col: str = "title",
+               group_col: str | None = None, fmt: str | None = None) -> dict[str, int]:
+    """Clean `input_path` as the clean stage does, embed, write Parquet to `output`: one row
+    per input row (product_id, title, embedding, reason, message); rows the clean stage would
+    quarantine or drop as exact duplicates keep their reason and a null embedding.
+    Returns row counts by outcome."""
+    spec = ship(spark, prepare_model(model_uri, config.stage_dir("embed") / "models",
+                                     batch_size=config.embed.batch_size,
+                                     gpu_batch_size=config.embed.gpu_batch_size))
+    if spec.kind == "group_title" and group_col is None:
+        raise EmbedError(f"{spec.uri} is a per-group model: give the group column (--group-col)")
+    catalog = CatalogConfig(name="adhoc", format=fmt or infer_format(input_path),
+                            path=input_path,
+                            columns=ColumnMap(product_id=id_col, title=text_col,
+                                              product_group=group_col))
+    adhoc = config.model_copy(update={"catalog": catalog})
+    source = clean.read_catalog(spark, adhoc)
+    clean.check_columns(source, catalog)
+    staged = clean.transform(source, adhoc).withColumn(
+        "_reason", F.when(F.col("_duplicate"), F.lit("exact_duplicate")).otherwise(
+            F.col("_reason"))).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        good = staged.filter(F.col("_reason").isNull())
+        if spec.kind == "group_title":
+            good = good.withColumn("_reason", F.when(
+                ~F.col("product_group").isin(list(spec.groups)), F.lit("unknown_group")))
+        embedded, _ = embed_frame(good.filter(F.col("_reason").isNull()), spec,
+                                  carry=("product_id", "title"))
+        ok = embedded.select("product_id", "title", "embedding",
+                             F.lit(None).cast("string").alias("reason"),
+                             F.lit(None).cast("string").alias("message"))
+        bad = staged.filter(F.col("_reason").isNotNull()).unionByName(
+            good.filter(F.col("_reason").isNotNull()), allowMissingColumns=True).select(
+            "product_id", "title", F.lit(None).cast(EMBEDDING.dataType)
+            .alias("embedding"), F.col("_reason").alias("reason"),
+            F.coalesce("_message", F.lit("product group not in the model")).alias("message"))
+        ok.unionByName(bad).write.mode("overwrite").parquet(output)
+        written = spark.read.parquet(output)
+        counts = {row["outcome"]: row["count"] for row in written.groupBy(
+            F.coalesce("reason", F.lit("embedded")).alias("outcome")).count().collect()}
+        rows_in = staged.count()
+    finally:
+        staged.unpersist()
+    if sum(counts.values()) != rows_in:
+        raise EmbedError(f"{output}: {sum(counts.values())} rows written for {rows_in} read "
+                         f"({counts}): rows were lost (bug: please report)")
+    return {"in": rows_in, **counts}
