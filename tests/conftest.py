@@ -28,3 +28,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared catalogs not found at {SHARED_DATA} (set PRODVEC_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def embedded_pipeline(spark, tmp_path_factory):
+    """clean -> corpus -> shard -> train -> embed once on a 2,000-product synthetic catalog,
+    for the stages downstream of the embedding table: (config, {stage: StageResult}).
+    Read it, never write into it: every test of the session shares it."""
+    from pipelines.config import load_config
+    from pipelines.stages import run_stage
+
+    workdir = tmp_path_factory.mktemp("pipeline")
+    config = load_config(overrides=[
+        f"workdir={workdir}", "catalog.synthetic.rows=2000", "spark.shuffle_partitions=2",
+        "train.epochs=2", "word2vec.epochs=3"])
+    results = {name: run_stage(name, config, spark)
+               for name in ("clean", "corpus", "shard", "train", "embed")}
+    return config, results
