@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -
 RUFF := $(VENV)/bin/ruff
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test lint format bench clean-work java
+.PHONY: install run test lint format bench clean-work java dist
 
 install: $(STAMP)
 
@@ -39,6 +39,14 @@ format: install
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The wheel the job image installs, and the same archive as .zip for spark-submit --py-files:
+# Spark puts only .zip/.egg/.jar py-files on the executors' path (a .whl reaches the driver
+# alone). Built with the venv's setuptools, no build isolation: nothing is downloaded.
+dist:
+	rm -rf dist build
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	cd dist && for wheel in *.whl; do cp "$$wheel" "$${wheel%.whl}.zip"; done
 
 clean-work:
 	rm -rf work

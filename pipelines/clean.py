@@ -10,16 +10,20 @@ All per-row work is Spark SQL built-ins except the Unicode repair inside
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
 import mlflow
+from py4j.protocol import Py4JJavaError
 from pyspark import StorageLevel
+from pyspark.errors import PySparkException
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines import text
+from pipelines import faults, text
 from pipelines.config import CatalogConfig, CleanConfig, Config, Lookup
 from pipelines.errors import CatalogError
 from pipelines.stages import StageResult
@@ -28,6 +32,8 @@ from pipelines.synthetic import ensure_synthetic_catalog
 log = logging.getLogger(__name__)
 
 CORRUPT = "_corrupt_record"
+# Written by the image_features stage inside its catalog folder (Spark skips "_" files).
+FEATURED_STAMP = "_source.json"
 
 # The canonical clean catalog every later stage reads.
 CLEAN_SCHEMA = T.StructType(
@@ -101,15 +107,19 @@ def _read(spark: SparkSession, fmt: str, path: str, options: dict[str, str]) -> 
     if not Path(path).exists() and "://" not in path:
         raise CatalogError(f"catalog file {path} does not exist")
     reader = spark.read.options(**{**_READER_DEFAULTS[fmt], **options})
-    if fmt == "csv":
-        header = spark.read.options(**{**_READER_DEFAULTS[fmt], **options}).csv(path).columns
-        fields = [T.StructField(name, T.StringType()) for name in header if name != CORRUPT]
-        return reader.schema(T.StructType([*fields, T.StructField(CORRUPT, T.StringType())])).csv(
-            path
-        )
-    if fmt == "json":
-        return reader.json(path)
-    return reader.parquet(path)
+    try:  # every reader looks at the files here (header, schema inference, footers)
+        if fmt == "csv":
+            header = spark.read.options(**{**_READER_DEFAULTS[fmt], **options}).csv(path).columns
+            fields = [T.StructField(name, T.StringType()) for name in header if name != CORRUPT]
+            return reader.schema(
+                T.StructType([*fields, T.StructField(CORRUPT, T.StringType())])
+            ).csv(path)
+        if fmt == "json":
+            return reader.json(path)
+        return reader.parquet(path)
+    except (PySparkException, Py4JJavaError) as err:
+        reason = str(err).strip().splitlines()[0][:300]
+        raise CatalogError(f"catalog file {path} cannot be read as {fmt}: {reason}") from None
 
 
 def _join_lookups(spark: SparkSession, frame: DataFrame, lookups: list[Lookup]) -> DataFrame:
@@ -303,10 +313,9 @@ def transform(frame: DataFrame, config: Config) -> DataFrame:
     )
     group_source = F.coalesce(F.col("_group_raw"), F.try_element_at("category_path", F.lit(1)))
     group = F.regexp_replace(text.normalize_text(group_source), " ", "_")
-    content = F.to_json(F.struct("title", "description", "bullets", "brand", "image_features"))
     staged = staged.withColumn(
         "product_group", F.coalesce(F.nullif(group, F.lit("")), F.lit("unknown"))
-    ).withColumn("content_hash", F.sha2(content, 256))
+    ).withColumn("content_hash", content_hash())
 
     # One shuffle serves both windows: (product_id, row hash) partitions are clustered by
     # product_id, and exact duplicates share both keys.
@@ -379,12 +388,20 @@ def transform(frame: DataFrame, config: Config) -> DataFrame:
     )
 
 
+def content_hash() -> Column:
+    """SHA-256 of what the models read; the image_features stage recomputes it after filling
+    features, so embed's incremental refresh sees a product whose image changed."""
+    content = F.to_json(F.struct("title", "description", "bullets", "brand", "image_features"))
+    return F.sha2(content, 256)
+
+
 def run(spark: SparkSession, config: Config) -> StageResult:
     """Read, check, transform, write the clean catalog and the quarantine, check the invariant."""
     source = read_catalog(spark, config)
     check_columns(source, config.catalog)
     rows_in = source.count()
-    staged = transform(source, config).persist(StorageLevel.MEMORY_AND_DISK)
+    staged = faults.inject(transform(source, config), "clean").persist(
+        StorageLevel.MEMORY_AND_DISK)
     try:
         out_dir = config.stage_dir("clean")
         clean_rows = staged.filter(~F.col("_duplicate") & F.col("_reason").isNull())
@@ -433,11 +450,31 @@ def run(spark: SparkSession, config: Config) -> StageResult:
     )
 
 
-def read_clean(spark: SparkSession, config: Config) -> DataFrame:
-    """The clean catalog, for later stages; fails clearly when clean has not run."""
+def clean_files_stamp(path: Path) -> str:
+    """Identity of one write of a catalog folder: Spark names part files with a fresh job id
+    on every write, so their names change whenever the catalog is rewritten."""
+    names = sorted(part.name for part in path.glob("part-*"))
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def read_clean(spark: SparkSession, config: Config, *, featured: bool = True) -> DataFrame:
+    """The clean catalog, for later stages; fails clearly when clean has not run. With
+    `image_features.enabled` (and `featured`), the image_features stage's copy of it (same
+    schema, features filled): every later stage reads that one, and it must have been made
+    from the clean catalog there now."""
     path = config.stage_dir("clean") / "catalog"
     if not path.is_dir():
         raise CatalogError(f"no clean catalog at {path}: run `prodvec clean` first")
+    if featured and config.image_features.enabled:
+        featured_path = config.stage_dir("image_features") / "catalog"
+        stamp = featured_path / FEATURED_STAMP
+        if not stamp.is_file():
+            raise CatalogError(f"image_features.enabled is true but there is no catalog at "
+                               f"{featured_path}: run `prodvec image_features` first")
+        if json.loads(stamp.read_text())["clean_files"] != clean_files_stamp(path):
+            raise CatalogError(f"the clean catalog changed after image_features ran on it: "
+                               f"run `prodvec image_features` again ({featured_path})")
+        path = featured_path
     return spark.read.schema(CLEAN_SCHEMA).parquet(str(path))
 
 

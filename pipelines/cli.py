@@ -2,8 +2,9 @@
 
     prodvec [--conf OVERLAY]... run|<stage>|config [key.sub=value ...]
 
-Expected failures (bad config, bad catalog, a stage not built) print one clear
-line and exit 2; anything else is a bug and keeps its traceback.
+Expected failures (bad config, bad catalog, bad input) print one clear
+line and exit 2; a failed executor-side batch prints the one line naming its stage and
+row batch (pipelines/faults.py) and exits 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
 from pipelines.config import Config, load_config
 from pipelines.errors import ConfigError, ProdvecError
+from pipelines.faults import task_error
 from pipelines.stages import STAGES, run_pipeline, run_stage, summary
+
+log = logging.getLogger("prodvec")
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
         "-c",
         "--conf",
         action="append",
@@ -28,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         help="overlay name in conf/ or a YAML path, applied after conf/base.yaml "
         "(repeatable; default: local)",
     )
-    common.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
+    options.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
+    common = argparse.ArgumentParser(add_help=False, parents=[options])
     common.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied last"
     )
@@ -40,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(stage.name, parents=[common], help=stage.purpose)
         if stage.name == "embed":
             _embed_arguments(sub)
+    _neighbors_arguments(commands.add_parser(
+        "neighbors", parents=[options],
+        help="the products most similar to one, from the saved index of a table version"))
     vacuum = commands.add_parser(
         "vacuum", parents=[common],
         help="delete embedding-table files no retained version references (crashed runs' too)")
@@ -69,6 +79,22 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ad hoc: input format (default: by extension, else parquet)")
 
 
+def _neighbors_arguments(parser: argparse.ArgumentParser) -> None:
+    """PRODUCT_ID comes before the overrides, so it is declared before them."""
+    parser.add_argument("product_id", metavar="PRODUCT_ID", help="the product to start from")
+    parser.add_argument("-k", type=int, default=10, help="how many neighbours (default 10)")
+    parser.add_argument("--version", type=int, default=None,
+                        help="embedding-table version whose index answers (default: latest)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied last")
+
+
+def _neighbors(config: Config, args: argparse.Namespace) -> str:
+    from pipelines.index import neighbours_report  # faiss loads only for this command
+
+    return neighbours_report(config, args.product_id, args.k, args.version)
+
+
 def _embed(config: Config, args: argparse.Namespace) -> str:
     from pipelines import tracking
     from pipelines.embed import default_model_uri, embed_file  # torch loads only here
@@ -78,7 +104,7 @@ def _embed(config: Config, args: argparse.Namespace) -> str:
         raise ConfigError("prodvec embed ad hoc needs both --input and --output")
     tracking.configure(config)
     counts = embed_file(get_spark(config.spark), config,
-                        model_uri=args.model or default_model_uri(config), input_path=args.input,
+                        model_uri=default_model_uri(config), input_path=args.input,
                         output=args.output, id_col=args.id_col, text_col=args.text_col,
                         group_col=args.group_col, fmt=args.format)
     return f"embed {args.input} -> {args.output}: {counts}"
@@ -104,12 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("py4j", "alembic", "urllib3"):
+    for noisy in ("py4j", "alembic", "urllib3", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Which build runs: under spark-submit, the wheel given with --py-files.
+    log.info("prodvec %s from %s", version("prodvec"), Path(__file__).parent)
     try:
-        config = load_config(args.conf or ["local"], args.overrides)
+        overrides = list(args.overrides)
+        if args.command == "embed" and args.model:  # validated (and confined) like the rest
+            overrides.append(f"embed.model_uri={args.model}")
+        config = load_config(args.conf or ["local"], overrides)
         if args.command == "config":
             print(config.to_yaml(), end="")
+        elif args.command == "neighbors":
+            print(_neighbors(config, args))
         elif args.command == "vacuum":
             print(_vacuum(config, args.table, args.retention_hours, args.dry_run))
         elif args.command == "embed" and (args.input or args.output):
@@ -117,14 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             print(summary(config, run_pipeline(config)))
         else:
-            if args.command == "embed" and args.model:
-                overrides = [*args.overrides, f"embed.model_uri={args.model}"]
-                config = load_config(args.conf or ["local"], overrides)
             result = run_stage(args.command, config)
             print(f"{args.command}: {result.rows} -> {result.outputs}")
     except ProdvecError as err:
         print(f"prodvec: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        failed = task_error(err)  # an executor's TaskError inside Spark's wrapping
+        if failed is None:
+            raise
+        log.debug("executor-side failure", exc_info=err)
+        print(f"prodvec: error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -244,9 +244,34 @@ class GroupAutoencoderConfig(Strict):
     max_rows_per_group: int = Field(500_000, ge=1)  # embeddings per group and split (paper)
 
 
+class FinetuneConfig(Strict):
+    """Products-10K's recipe, after normal training: fine-tune on a class-balanced subset of
+    the train split (at most `per_class` rows a class of `task`) with the accuracy loss
+    1 - mean(softmax probability of the true class)."""
+
+    epochs: int = Field(0, ge=0)  # 0: no fine-tuning (the paper: 2-3)
+    per_class: int = Field(5, ge=1)  # K: the paper samples at most 5 images per SKU
+    lr: float = Field(1e-4, gt=0)
+    task: str | None = None  # the multiclass task balanced on; None: the first multiclass one
+
+
+class ProductNetConfig(Strict):
+    """The master model's sizes (models/productnet.py); the embedding is train.embedding_size."""
+
+    field_size: int = Field(128, ge=2, multiple_of=2)  # each field encoder's output
+    hidden_size: int = Field(512, ge=1)  # the first fully connected layer
+    image_size: int = Field(256, ge=1)  # the image branch's output
+    bigram_buckets: int = Field(100_000, ge=1)  # fastText hashed word bigrams (brand)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    finetune: FinetuneConfig = FinetuneConfig()
+
+
 class TrainConfig(Strict):
-    """Train stage: MRNet with data-parallel PyTorch launched from Spark (TorchDistributor),
-    or in the driver for debugging (`distributed: false` or `num_processes: 1`)."""
+    """Train stage: MRNet or the ProductNet master model with data-parallel PyTorch launched
+    from Spark (TorchDistributor), or in the driver for debugging (`distributed: false` or
+    `num_processes: 1`)."""
+
+    model: Literal["mrnet", "productnet"] = "mrnet"
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(256, ge=1)  # per process: the global batch is this x processes
@@ -273,6 +298,13 @@ class TrainConfig(Strict):
     registered_model_name: str | None = None  # None: prodvec-mrnet[-pg]-<catalog>
     per_group: bool = False  # one MRNet per product group, then the group autoencoder
     group_autoencoder: GroupAutoencoderConfig = GroupAutoencoderConfig()
+    productnet: ProductNetConfig = ProductNetConfig()
+
+    @model_validator(mode="after")
+    def _per_group_is_mrnet(self) -> TrainConfig:
+        if self.per_group and self.model != "mrnet":
+            raise ValueError("train.per_group trains one MRNet per group: it needs model: mrnet")
+        return self
 
 
 class EmbedConfig(Strict):
@@ -291,17 +323,122 @@ class EmbedConfig(Strict):
     app_id: str | None = None  # idempotency key of the commit; null: the MLflow run id
 
 
+class IndexConfig(Strict):
+    """The index stage (pipelines/index.py): a faiss index per embedding-table version, its
+    kind chosen by row count, its search knob tuned at build time to `target_recall`."""
+
+    version: int | None = Field(None, ge=0)  # table version to index; None: the latest
+    kind: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"  # auto: by the thresholds below
+    exact_max_rows: int = Field(100_000, ge=1)  # auto: exact IndexFlatIP up to this many rows
+    hnsw_max_rows: int = Field(10_000_000, ge=1)  # auto: HNSW up to this, IVF-PQ beyond
+    hnsw_m: int = Field(32, ge=2)  # graph neighbours per node
+    hnsw_ef_construction: int = Field(40, ge=1)  # faiss's default
+    hnsw_ef_search: int = Field(16, ge=1)  # starting value (faiss's); doubled to target_recall
+    ivf_lists: int | None = Field(None, ge=1)  # None: 4 * sqrt(rows), at least 39 rows a list
+    pq_subquantizers: int | None = Field(None, ge=1)  # must divide dims; None: ~dims / 4
+    ivf_probe: int = Field(16, ge=1)  # starting nprobe; doubled until target_recall
+    rerank_factor: int = Field(4, ge=1)  # IVF-PQ: exact re-rank of this x k PQ candidates
+    train_rows: int = Field(100_000, ge=1)  # IVF-PQ: uniform sample the quantizers learn from
+    recall_queries: int = Field(1000, ge=1)  # table rows whose recall@10 is measured
+    target_recall: float = Field(0.95, ge=0.0, le=1.0)  # recall@10 the search knob must reach
+    batch_rows: int = Field(65_536, ge=1)  # Arrow batch streamed from the table's files
+    gpu: bool = True  # exact searches on GPUs when faiss sees any
+
+
+class EvaluateConfig(Strict):
+    """The evaluate stage (pipelines/evaluate.py): downstream probes against TF-IDF, reports
+    of the trained heads, pictures, and drift between embedding-table versions."""
+
+    version: int | None = Field(None, ge=0)  # table version to evaluate; None: the latest
+    probes: list[TaskSpec] = Field(default_factory=list)  # multiclass or binary, not trained on
+    folds: int = Field(5, ge=2)  # k-fold cross-validation; fewer when a class is smaller
+    small_train_rows: int = Field(1500, ge=10)  # the small-training-set variant's labels
+    max_rows: int = Field(20_000, ge=10)  # products collected to the driver for probes/pictures
+    tfidf_max_features: int = Field(50_000, ge=1)
+    forest_trees: int = Field(100, ge=1)
+    head_batch_size: int = Field(1024, ge=1)
+    top_k: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    retrieval_queries: int = Field(200, ge=0)  # diverse queries for MAR@k; 0: no retrieval
+    retrieval_k: int = Field(10, ge=1)
+    tsne_rows: int = Field(2000, ge=0)  # 0: no t-SNE picture
+    neighbour_queries: int = Field(20, ge=0)  # sample products in the neighbour table
+    neighbours: int = Field(10, ge=1)
+    drift_k: int = Field(10, ge=1)  # neighbour overlap@k between two versions
+    drift_max_rows: int = Field(20_000, ge=10)  # shared products compared (a hash sample)
+
+    @model_validator(mode="after")
+    def _probe_kinds(self) -> EvaluateConfig:
+        wrong = [task.name for task in self.probes if task.kind not in ("multiclass", "binary")]
+        if wrong:
+            raise ValueError(f"evaluate.probes {wrong}: probes are multiclass or binary tasks")
+        if any(k < 1 for k in self.top_k):
+            raise ValueError(f"evaluate.top_k must be >= 1, got {self.top_k}")
+        return self
+
+
+class BackboneConfig(Strict):
+    """The image model. `export`: a torch.export archive (architecture in the file; executors
+    need only torch). `torchvision`: `torchvision.models.get_model(arch)` plus a state dict
+    read with `torch.load(weights_only=True)`; torchvision must import on every executor."""
+
+    format: Literal["export", "torchvision"] = "export"
+    weights: str | None = None  # a local file; required to run, never downloaded
+    arch: str | None = None  # torchvision: a `torchvision.models` name, e.g. resnet50
+    drop_head: bool = True  # torchvision: the classifier (fc / classifier / head / heads) -> Identity
+
+    @model_validator(mode="after")
+    def _arch_for_torchvision(self) -> BackboneConfig:
+        if (self.format == "torchvision") != (self.arch is not None):
+            raise ValueError("backbone.arch names the torchvision model: required with format "
+                             "torchvision, not taken with format export")
+        return self
+
+
+class ImageFeaturesConfig(Strict):
+    """The optional image_features stage (pipelines/image_features.py): a backbone over each
+    product's image fills the clean catalog's `image_features`. Off unless `enabled`."""
+
+    enabled: bool = False  # false: `prodvec run` skips the stage and later stages read clean
+    path_column: str | None = None  # source catalog column with image paths or URIs
+    image_root: str | None = None  # relative paths resolve against it (a folder or a URI)
+    backbone: BackboneConfig = BackboneConfig()
+    image_size: int = Field(224, ge=8)  # images are resized to image_size x image_size RGB
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per channel, after / 255
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    dims: int | None = Field(None, ge=1)  # expected feature length; None: what the model gives
+    batch_size: int = Field(32, ge=1)  # images per forward pass on a CPU task (one thread)
+    gpu_batch_size: int = Field(256, ge=1)  # images per forward pass on the task's GPU
+
+    @model_validator(mode="after")
+    def _std_positive(self) -> ImageFeaturesConfig:
+        if any(value <= 0 for value in self.std):
+            raise ValueError(f"std must be > 0, got {self.std}")
+        return self
+
+
+class PathsConfig(Strict):
+    """Where configured files may live. Empty (the laptop default): anywhere. A cluster lists
+    its roots (conf/cluster.yaml), so a typo or a hostile overlay cannot point a stage at
+    files outside them; the workdir is always allowed."""
+
+    allowed_roots: list[str] = Field(default_factory=list)  # local paths or URI prefixes
+
+
 class Config(Strict):
     workdir: Path = Path("work")
     seed: int = 42
+    paths: PathsConfig = PathsConfig()
     spark: SparkConfig = SparkConfig()
     tracking: TrackingConfig = TrackingConfig()
     catalog: CatalogConfig
     clean: CleanConfig = CleanConfig()
+    image_features: ImageFeaturesConfig = ImageFeaturesConfig()
     word2vec: Word2VecConfig = Word2VecConfig()
     shard: ShardConfig = ShardConfig()
     embed: EmbedConfig = EmbedConfig()
     train: TrainConfig = TrainConfig()
+    index: IndexConfig = IndexConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @property
     def catalog_dir(self) -> Path:
@@ -382,7 +519,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -425,4 +565,39 @@ def load_config(overlays: list[str] | None = None, overrides: list[str] | None =
         config = Config.model_validate(_expand_env(raw))
     except ValidationError as err:
         raise ConfigError(_format_validation(err)) from None
-    return config.model_copy(update={"workdir": config.workdir.expanduser().resolve()})
+    config = config.model_copy(update={"workdir": config.workdir.expanduser().resolve()})
+    confine_paths(config)
+    return config
+
+
+def _inside(location: str, root: str) -> bool:
+    """`location` is `root` or below it: local paths after resolving '..' and symlinks, URIs
+    (s3a://, hdfs://) by prefix. file: URIs count as local paths."""
+    location, root = (text.removeprefix("file://") for text in (location, root))
+    if "://" in location or "://" in root:
+        if ".." in location.split("/"):
+            return False  # no resolving on object stores: a '..' segment is never inside
+        return location.rstrip("/") == root.rstrip("/") or location.startswith(
+            root.rstrip("/") + "/")
+    return Path(location).expanduser().resolve().is_relative_to(
+        Path(root).expanduser().resolve())
+
+
+def confine_paths(config: Config) -> None:
+    """Every configured file location lies under the workdir or `paths.allowed_roots`."""
+    if not config.paths.allowed_roots:
+        return
+    roots = [str(config.workdir), *config.paths.allowed_roots]
+    located = {"catalog.path": config.catalog.path, "embed.table_path": config.embed.table_path,
+               "tracking.artifact_location": config.tracking.artifact_location,
+               "image_features.backbone.weights": config.image_features.backbone.weights,
+               "image_features.image_root": config.image_features.image_root,
+               **{f"catalog.lookups[{i}].path": lookup.path
+                  for i, lookup in enumerate(config.catalog.lookups)}}
+    model = config.embed.model_uri
+    if model and not model.startswith(("models:/", "runs:/")):
+        located["embed.model_uri"] = model  # a model folder
+    for key, location in located.items():
+        if location is not None and not any(_inside(location, root) for root in roots):
+            raise ConfigError(f"{key}={location} is outside the allowed roots {roots} "
+                              "(paths.allowed_roots; the workdir is always allowed)")

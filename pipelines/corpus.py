@@ -34,12 +34,11 @@ from pipelines.clean import read_clean
 from pipelines.config import Config, Word2VecConfig
 from pipelines.errors import ProdvecError
 from pipelines.stages import StageResult
-from pipelines.tokenizer import Vocabulary, tokens
+from pipelines.tokenizer import VOCABULARY_FILE, Vocabulary, tokens
 
 log = logging.getLogger(__name__)
 
 _COPY_BUFFER = 16 << 20
-VOCABULARY_FILE = "vocabulary.parquet"
 
 
 class EmptyVocabulary(ProdvecError):

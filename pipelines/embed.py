@@ -17,9 +17,9 @@ How it runs:
 4. `EmbeddingTable.plan_refresh` decides what to embed: with the model the table already
    holds, new and changed products only; after a new model, everything. One commit.
 
-Models: `TitleEncoder` (MRNet; title ids) and `GroupEncoder` (per-group MRNets through the
-sparse autoencoder; group index + title ids). The master model of issue 6 will be one more
-`InputKind`, one branch in `input_kind` and one in `_model_inputs`.
+Models: `TitleEncoder` (MRNet; title ids), `GroupEncoder` (per-group MRNets through the
+sparse autoencoder; group index + title ids) and `ProductNetEncoder` (the master model; every
+text field's ids and the image features, packed by `models.encoders.pack_fields`).
 
 `embed_file` is the ad-hoc path (`prodvec embed --model --input --output`): any CSV, JSON
 lines or Parquet of products, cleaned by the clean stage's transform, one output row per
@@ -40,6 +40,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from mlflow import MlflowClient
 from pyspark import SparkFiles, StorageLevel, TaskContext
@@ -49,17 +50,17 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from torch import nn
 
-from models.encoders import GroupEncoder, TitleEncoder
-from pipelines import clean
+from models.encoders import GroupEncoder, ProductNetEncoder, TitleEncoder, pack_fields
+from pipelines import clean, faults
 from pipelines.config import CatalogConfig, ColumnMap, Config
 from pipelines.delta import EmbeddingTable
 from pipelines.errors import ProdvecError
 from pipelines.stages import StageResult
-from pipelines.tokenizer import Vocabulary, tokenize_arrow
+from pipelines.tokenizer import VOCABULARY_FILE, Vocabulary, tokenize_arrow
 
 log = logging.getLogger(__name__)
 
-InputKind = Literal["title", "group_title"]
+InputKind = Literal["title", "group_title", "fields"]
 EMBEDDING = T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False))
 _VECTOR = pa.list_(pa.field("element", pa.float32(), nullable=False))
 _SHIPPED = "sparkfiles:"  # a model folder reference resolved by SparkFiles.get on executors
@@ -84,6 +85,8 @@ class ModelSpec:
     groups: tuple[str, ...]  # group_title: the name of each group index
     batch_size: int
     gpu_batch_size: int
+    fields: tuple[tuple[str, int], ...] = ()  # fields: (clean column, ids) in packing order
+    image_dim: int | None = None  # fields: the image features' length, None without images
 
 
 # ---- the driver: resolve, download, inspect -------------------------------------------------
@@ -94,7 +97,8 @@ def default_model_uri(config: Config) -> str:
     if config.embed.model_uri:
         return config.embed.model_uri
     suffix = "pg-" if config.train.per_group else ""
-    name = config.train.registered_model_name or f"prodvec-mrnet-{suffix}{config.catalog.name}"
+    name = config.train.registered_model_name or \
+        f"prodvec-{config.train.model}-{suffix}{config.catalog.name}"
     return f"models:/{name}@candidate"
 
 
@@ -124,8 +128,10 @@ def input_kind(module: nn.Module) -> InputKind:
         return "group_title"
     if isinstance(module, TitleEncoder):
         return "title"
+    if isinstance(module, ProductNetEncoder):
+        return "fields"
     raise EmbedError(f"the embed stage does not know the input of {type(module).__name__} "
-                     "(known: TitleEncoder, GroupEncoder; the master model is not built yet)")
+                     "(known: TitleEncoder, GroupEncoder, ProductNetEncoder)")
 
 
 def prepare_model(uri: str, cache: Path, *, batch_size: int = 1024,
@@ -147,14 +153,23 @@ def prepare_model(uri: str, cache: Path, *, batch_size: int = 1024,
     tokenizer = json.loads((folder / "extra_files" / "tokenizer.json").read_text())
     max_len = int(tokenizer["max_len"])
     groups = tuple(module.groups) if kind == "group_title" else ()
+    fields = tuple(module.fields) if kind == "fields" else ()
+    image_dim = module.image_dim if kind == "fields" else None
     with torch.inference_mode():
-        example = np.zeros((1, max_len + (kind == "group_title")), dtype=np.int64)
-        example[0, -max_len] = 2  # one real token after the group column
+        if kind == "fields":  # one real title token, every other field and the image missing
+            example = np.zeros((1, module.width), dtype=np.int64)
+            starts = np.cumsum([0, *(length for _, length in fields)])
+            example[0, starts[[field for field, _ in fields].index("title")]] = 2
+            if image_dim is not None:
+                example[0, -image_dim - 1] = 1
+        else:
+            example = np.zeros((1, max_len + (kind == "group_title")), dtype=np.int64)
+            example[0, -max_len] = 2  # one real token after the group column
         dimension = int(module(torch.from_numpy(example)).shape[1])
     log.info("embed: model %s (%s) in %s: %s input, %d-d output", pinned, uri, folder, kind,
              dimension)
     return ModelSpec(pinned, name, version, str(folder), kind, dimension, max_len, groups,
-                     batch_size, gpu_batch_size)
+                     batch_size, gpu_batch_size, fields, image_dim)
 
 
 def _slug(name: str) -> str:
@@ -196,13 +211,15 @@ def _cached_model(spec: ModelSpec, device: torch.device) -> tuple[nn.Module, Voc
     folder = SparkFiles.get(spec.folder[len(_SHIPPED):]) if spec.folder.startswith(
         _SHIPPED) else spec.folder
     module = mlflow.pytorch.load_model(folder, map_location=device).to(device).eval()
-    vocabulary = Vocabulary.load(Path(folder) / "extra_files" / "vocabulary.parquet")
+    vocabulary = Vocabulary.load(Path(folder) / "extra_files" / VOCABULARY_FILE)
     _MODELS[key] = (module, vocabulary)
     return module, vocabulary, True
 
 
 def _model_inputs(spec: ModelSpec, batch: pa.RecordBatch, vocabulary: Vocabulary) -> np.ndarray:
     """The int64 array the model's forward takes, per input kind."""
+    if spec.kind == "fields":
+        return _packed_fields(spec, batch, vocabulary)
     ids = vocabulary.encode(tokenize_arrow(batch.column("title")), spec.max_len).astype(np.int64)
     if spec.kind == "title":
         return ids
@@ -212,6 +229,38 @@ def _model_inputs(spec: ModelSpec, batch: pa.RecordBatch, vocabulary: Vocabulary
         raise EmbedError(f"product groups {sorted(set(names[group < 0]))} are not in the "
                          f"model's groups {list(spec.groups)}")
     return np.concatenate([group[:, None].astype(np.int64), ids], axis=1)
+
+
+def _packed_fields(spec: ModelSpec, batch: pa.RecordBatch, vocabulary: Vocabulary
+                   ) -> np.ndarray:
+    """ProductNet's packed input: each field tokenised as the shard stage does (bullets
+    joined by spaces; a null field is all padding, i.e. missing), then the image features
+    (a null or wrong-length vector is a missing image, as in the shards)."""
+    ids = []
+    for name, length in spec.fields:
+        text = batch.column(name)
+        if name == "bullets":
+            text = pc.binary_join(text, " ")
+        ids.append(vocabulary.encode(tokenize_arrow(text), length))
+    if spec.image_dim is None:
+        return pack_fields(ids)
+    features = batch.column("image_features")
+    missing = pc.fill_null(pc.not_equal(pc.list_value_length(features), spec.image_dim),
+                           True).to_numpy(zero_copy_only=False)
+    image = np.zeros((batch.num_rows, spec.image_dim), dtype=np.float32)
+    if not missing.all():
+        present = features.filter(pa.array(~missing))
+        image[~missing] = pc.list_flatten(present).to_numpy(zero_copy_only=False) \
+            .astype(np.float32).reshape(-1, spec.image_dim)
+    return pack_fields(ids, image, missing)
+
+
+def input_columns(spec: ModelSpec) -> list[str]:
+    """The clean catalog columns the model reads."""
+    if spec.kind == "fields":
+        return [name for name, _ in spec.fields] + (
+            ["image_features"] if spec.image_dim is not None else [])
+    return ["title", *(["product_group"] if spec.kind == "group_title" else [])]
 
 
 def embed_arrays(module: nn.Module, inputs: np.ndarray, batch_size: int,
@@ -240,14 +289,19 @@ def _embed_batches(batches: Iterator[pa.RecordBatch], spec: ModelSpec, carry: li
     device = _task_device()
     if device.type == "cpu":
         torch.set_num_threads(1)  # Spark runs one task per core: threads would oversubscribe
-    module, vocabulary, loaded = _cached_model(spec, device)
-    loads.add(int(loaded))
     size = spec.batch_size if device.type == "cpu" else spec.gpu_batch_size
-    for batch in batches:
+
+    def embed(batch: pa.RecordBatch) -> pa.RecordBatch:
+        # Loaded inside the batch step, so a model copy the executor cannot read is reported
+        # with the batch; after the first batch this is a dict lookup.
+        module, vocabulary, loaded = _cached_model(spec, device)
+        loads.add(int(loaded))
         embeddings = embed_arrays(module, _model_inputs(spec, batch, vocabulary), size, device)
-        yield pa.RecordBatch.from_arrays(
+        return pa.RecordBatch.from_arrays(
             [*(batch.column(name) for name in carry), _vectors(embeddings, batch.num_rows)],
             names=[*carry, EMBEDDING.name])
+
+    yield from faults.named_batches("embed", batches, embed)
 
 
 def embed_frame(frame: DataFrame, spec: ModelSpec, carry: tuple[str, ...] = (
@@ -256,8 +310,7 @@ def embed_frame(frame: DataFrame, spec: ModelSpec, carry: tuple[str, ...] = (
     holds title (normalised) and, for group models, product_group; plus the accumulator
     counting model loads (read it after an action)."""
     loads = frame.sparkSession.sparkContext.accumulator(0)
-    needed = ["title", *(["product_group"] if spec.kind == "group_title" else [])]
-    columns = list(dict.fromkeys([*carry, *needed]))
+    columns = list(dict.fromkeys([*carry, *input_columns(spec)]))
     schema = T.StructType([*(frame.schema[name] for name in carry), EMBEDDING])
     names = list(carry)
     out = frame.select(*columns).mapInArrow(
@@ -274,8 +327,8 @@ def run(spark: SparkSession, config: Config) -> StageResult:
     spec = ship(spark, prepare_model(default_model_uri(config), config.stage_dir("embed") / "models",
                                      batch_size=settings.batch_size,
                                      gpu_batch_size=settings.gpu_batch_size))
-    catalog = clean.read_clean(spark, config).select(
-        "product_id", "content_hash", "title", "product_group")
+    catalog = clean.read_clean(spark, config).select(*dict.fromkeys(
+        ["product_id", "content_hash", "title", "product_group", *input_columns(spec)]))
     rows: dict[str, int] = {}
     if spec.kind == "group_title":
         known = F.col("product_group").isin(list(spec.groups))
@@ -288,11 +341,13 @@ def run(spark: SparkSession, config: Config) -> StageResult:
     plan = table.plan_refresh(spark, catalog, model_name=spec.name, model_version=spec.version)
     log.info("embed: %s refresh (%s)", plan.mode, plan.reason)
     embedded, loads = embed_frame(plan.to_embed, spec)
+    embedded = faults.inject(embedded, "embed")
     run_id = mlflow.active_run().info.run_id if mlflow.active_run() else "no-mlflow-run"
     result = table.commit(
         embedded, app_id=settings.app_id or run_id, run_id=run_id, model_uri=spec.uri,
         model_name=spec.name, model_version=spec.version, config_hash=config.digest(),
-        mode=plan.mode, dimension=spec.dimension, deleted=plan.deleted)
+        mode=plan.mode, dimension=spec.dimension, deleted=plan.deleted,
+        before_commit=faults.commit_hook("embed"))
     rows.update({"embedded": result.embedded_rows, "carried": result.carried_rows,
                  "removed": result.removed_rows, "table": result.rows})
     if mlflow.active_run():

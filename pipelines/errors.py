@@ -21,5 +21,5 @@ class TableError(ProdvecError):
     """The embedding table refuses a commit (contract, model mix, conflicts) or a request."""
 
 
-class StageNotBuilt(ProdvecError):
-    """The stage is planned but not implemented yet."""
+class VectorIndexError(ProdvecError):
+    """A nearest-neighbour index or query is unusable (missing index, unknown id, bad k)."""

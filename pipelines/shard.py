@@ -48,7 +48,14 @@ from pipelines.clean import CLEAN_SCHEMA, read_clean
 from pipelines.config import Config, ShardConfig, TaskSpec
 from pipelines.errors import ProdvecError
 from pipelines.stages import StageResult
-from pipelines.tokenizer import OOV_ID, PAD_ID, Vocabulary, encode_column, tokens
+from pipelines.tokenizer import (
+    OOV_ID,
+    PAD_ID,
+    VOCABULARY_FILE,
+    Vocabulary,
+    encode_column,
+    tokens,
+)
 
 if TYPE_CHECKING:
     from pyspark import Broadcast
@@ -57,7 +64,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "prodvec.shards/1"
 MANIFEST = "manifest.json"
-VOCABULARY = "vocabulary.parquet"
 SPLITS = ("train", "validation", "test")
 OTHER = "other"  # the multiclass class of every value outside the top N
 NODE_SEPARATOR = ">"  # category node names: "a", "a>b", "a>b>c"
@@ -71,7 +77,7 @@ class ShardError(ProdvecError):
 
 def vocabulary_path(config: Config) -> Path:
     """Where the corpus stage writes the word2vec vocabulary."""
-    return config.stage_dir("corpus") / VOCABULARY
+    return config.stage_dir("corpus") / VOCABULARY_FILE
 
 
 # ---------------------------------------------------------------------------
@@ -460,7 +466,7 @@ def build_manifest(root: Path, config: Config, fitted: dict[str, FittedTask], gr
             else [spec.name],
             "labelled": {split: observed[split][spec.name] for split in SPLITS},
         })
-    vocabulary_file = root / VOCABULARY
+    vocabulary_file = root / VOCABULARY_FILE
     return {
         "format": FORMAT,
         "catalog": config.catalog.name,
@@ -471,7 +477,7 @@ def build_manifest(root: Path, config: Config, fitted: dict[str, FittedTask], gr
         "splits": {split: observed[split]["_rows"] for split in SPLITS},
         "files": files,
         "schema": arrow_schema(files["train"], root),
-        "vocabulary": {"path": VOCABULARY, "size": len(vocabulary) + 2, "words": len(vocabulary),
+        "vocabulary": {"path": VOCABULARY_FILE, "size": len(vocabulary) + 2, "words": len(vocabulary),
                        "sha256": hashlib.sha256(vocabulary_file.read_bytes()).hexdigest()},
         "pad_id": PAD_ID,
         "oov_id": OOV_ID,
@@ -519,7 +525,7 @@ def shard_sets(shard_dir: Path) -> dict[str | None, Path]:
 
 def _image_dim(frame: DataFrame, config: Config) -> int | None:
     """The catalog's image feature length (the most common one), None when it has none."""
-    if config.catalog.columns.image_features is None:
+    if config.catalog.columns.image_features is None and not config.image_features.enabled:
         return None
     sizes = frame.where(F.col("image_features").isNotNull()) \
         .groupBy(F.size("image_features").alias("dim")).count() \
@@ -595,7 +601,7 @@ def run(spark: SparkSession, config: Config) -> StageResult:
                                    counts[name][split], settings, seed, settings.tasks)
                 for split in SPLITS
             }
-            shutil.copyfile(vocabulary_file, root / VOCABULARY)
+            shutil.copyfile(vocabulary_file, root / VOCABULARY_FILE)
             manifests[name] = build_manifest(root, config, fitted[name],
                                              name if settings.per_group else None,
                                              observed[name], vocabulary, image_dim)

@@ -1,8 +1,9 @@
 """The stage registry and the runner that wraps every stage in its MLflow run.
 
-Data flows one way: clean -> corpus -> shard -> train -> embed -> evaluate. Each
-stage module exposes `run(spark, config) -> StageResult` and is imported only when
-it runs, so a stage's heavy imports (torch, gensim) stay out of the others.
+Data flows one way: clean -> [image_features] -> corpus -> shard -> train -> embed -> index ->
+evaluate. Each stage module exposes `run(spark, config) -> StageResult` and is imported only
+when it runs, so a stage's heavy imports (torch, gensim) stay out of the others. An optional
+stage (`enabled_by` names its switch) runs only when its config enables it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pyspark.sql import SparkSession
 
 from pipelines import tracking
 from pipelines.config import Config
-from pipelines.errors import StageNotBuilt
 from pipelines.spark import get_spark
 
 log = logging.getLogger(__name__)
@@ -37,21 +37,32 @@ class StageResult:
 class Stage:
     name: str
     purpose: str
-    module: str | None  # None until the stage is built
+    module: str  # imported only when the stage runs
+    enabled_by: str | None = None  # optional stages: the boolean config key that turns it on
+
+    def enabled(self, config: Config) -> bool:
+        """False only for an optional stage whose switch is off."""
+        if self.enabled_by is None:
+            return True
+        value: object = config
+        for key in self.enabled_by.split("."):
+            value = getattr(value, key)
+        return bool(value)
 
     def load(self) -> Callable[[SparkSession, Config], StageResult]:
-        if self.module is None:
-            raise StageNotBuilt(f"stage '{self.name}' ({self.purpose}) is not built yet")
         return importlib.import_module(self.module).run
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("clean", "read catalogs, normalise, quarantine bad rows", "pipelines.clean"),
+    Stage("image_features", "optional: image backbone features into the clean catalog",
+          "pipelines.image_features", enabled_by="image_features.enabled"),
     Stage("corpus", "title corpus, Spark-counted vocabulary, word2vec", "pipelines.corpus"),
     Stage("shard", "tokenised, labelled, split Parquet training shards", "pipelines.shard"),
     Stage("train", "MRNet / master model, data-parallel from Spark", "pipelines.train"),
     Stage("embed", "distributed inference into a versioned Delta table", "pipelines.embed"),
-    Stage("evaluate", "probes, retrieval recall, indexes, drift", None),
+    Stage("index", "faiss index per table version, recall@10 vs exact", "pipelines.index"),
+    Stage("evaluate", "probes vs TF-IDF, head reports, pictures, drift", "pipelines.evaluate"),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -64,8 +75,14 @@ def get_stage(name: str) -> Stage:
 
 
 def run_stage(name: str, config: Config, spark: SparkSession | None = None) -> StageResult:
-    """Run one stage inside its own MLflow run (nested under a pipeline run if open)."""
-    stage_fn = get_stage(name).load()
+    """Run one stage inside its own MLflow run (nested under a pipeline run if open). A
+    disabled optional stage does nothing (a scheduler may run its job unconditionally) and
+    says so in its outputs."""
+    stage = get_stage(name)
+    if not stage.enabled(config):
+        log.warning("stage %s is disabled (%s is false): nothing to do", name, stage.enabled_by)
+        return StageResult(rows={}, outputs={"skipped": f"{stage.enabled_by} is false"})
+    stage_fn = stage.load()
     spark = spark or get_spark(config.spark)
     log.info("stage %s: resolved config (hash %s)\n%s", name, config.digest(), config.to_yaml())
     started = time.perf_counter()
@@ -80,29 +97,30 @@ def run_stage(name: str, config: Config, spark: SparkSession | None = None) -> S
 
 
 def run_pipeline(config: Config, spark: SparkSession | None = None) -> dict[str, StageResult]:
-    """Run every built stage in order under one parent MLflow run."""
+    """Run every built, enabled stage in order under one parent MLflow run."""
     spark = spark or get_spark(config.spark)
     tracking.configure(config)
     results: dict[str, StageResult] = {}
     with mlflow.start_run(run_name=f"pipeline-{config.catalog.name}"):
         mlflow.set_tags({"prodvec.stage": "pipeline", "prodvec.catalog": config.catalog.name})
         for stage in STAGES:
-            if stage.module is None:
+            if not stage.enabled(config):
                 continue
             results[stage.name] = run_stage(stage.name, config, spark)
     return results
 
 
 def summary(config: Config, results: dict[str, StageResult]) -> str:
-    """The end-of-run report: rows per stage, outputs, what is not built, the MLflow UI."""
+    """The end-of-run report: rows per stage, outputs, what is skipped, the MLflow UI."""
     lines = [f"prodvec run on catalog '{config.catalog.name}' (config {config.digest()})"]
     for name, result in results.items():
         rows = ", ".join(f"{key}={value:,}" for key, value in result.rows.items())
         lines.append(f"  {name:<9} {rows}")
         lines.extend(f"  {'':<9} {key}: {path}" for key, path in result.outputs.items())
-    missing = [stage.name for stage in STAGES if stage.module is None]
-    if missing:
-        lines.append(f"  not built yet: {', '.join(missing)}")
+    skipped = [f"{stage.name} ({stage.enabled_by}=false)" for stage in STAGES
+               if not stage.enabled(config)]
+    if skipped:
+        lines.append(f"  skipped (disabled): {', '.join(skipped)}")
     lines.append(
         f"  MLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri(config)}"
         + (

@@ -45,6 +45,7 @@ _SEPARATOR = re.compile(SEPARATOR)
 PAD_ID = 0  # fills encoded rows past the last token
 OOV_ID = 1  # every token not in the vocabulary
 FIRST_WORD_ID = 2
+VOCABULARY_FILE = "vocabulary.parquet"  # the file name wherever a vocabulary is saved
 _FORMAT = {"format": "prodvec.vocabulary/1", "pad_id": PAD_ID, "oov_id": OOV_ID}
 
 

@@ -1,4 +1,5 @@
-"""Train stage: MRNet-Product2Vec on the shard stage's output, data-parallel from Spark.
+"""Train stage: MRNet-Product2Vec or the ProductNet master model (`train.model`) on the
+shard stage's output, data-parallel from Spark.
 
 How a run goes, on the driver:
 1. Decide how processes start (`plan_launch`) and fail at once when the machine or cluster
@@ -17,6 +18,14 @@ How a run goes, on the driver:
 5. Log the best epoch's model with its vocabulary, tokenizer description, label maps and a
    signature, register it and point the alias `candidate` at the new version.
 
+`train.model: productnet` trains models.productnet.ProductNet over every `shard.text_fields`
+field (and the shards' image features) through the same launcher, loop, checkpoints and
+registry flow, registered as `prodvec-productnet-<catalog>`. With
+`train.productnet.finetune.epochs` > 0, the Products-10K recipe follows: a class-balanced
+subset of the train split (`balanced_subset`) and the accuracy loss
+(`pipelines.training.AccuracyObjective`), starting from the best epoch's weights; the
+registered model is the better of the two by the fine-tuning run's validation loss.
+
 With `train.per_group` (MRNet section 3.2) every product group's shard set trains its own
 MRNet the same way, then a sparse autoencoder learns one group-agnostic space from their
 embeddings; the registered model maps (group, title) to that embedding.
@@ -30,17 +39,21 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import mlflow
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
@@ -51,19 +64,21 @@ from pyspark.sql import SparkSession
 from torch import Tensor, nn
 
 from models.autoencoders import GroupSparseAutoencoder
-from models.encoders import GroupEncoder, TitleEncoder
+from models.encoders import GroupEncoder, ProductNetEncoder, TitleEncoder, pack_fields
 from models.mrnet import PAD_ID, MRNet, TaskHead
+from models.productnet import ProductNet
 from pipelines.config import Config, GroupAutoencoderConfig, TrainConfig
 from pipelines.loader import make_loader
-from pipelines.shard import MANIFEST, load_manifest, shard_sets
+from pipelines.shard import MANIFEST, describe_files, load_manifest, shard_sets
 from pipelines.stages import StageResult
-from pipelines.tokenizer import FIRST_WORD_ID, OOV_ID, SEPARATOR, Vocabulary
+from pipelines.tokenizer import FIRST_WORD_ID, OOV_ID, SEPARATOR, VOCABULARY_FILE, Vocabulary
 from pipelines.training import (
     BEST,
     HISTORY,
     LAST,
     PROGRESS,
     RESULT,
+    AccuracyObjective,
     LoopSpec,
     ModelFactory,
     MultitaskObjective,
@@ -89,15 +104,37 @@ VECTORS = "word_vectors.npy"
 # ---------------------------------------------------------------------------------------
 
 
-def build_mrnet(manifest: Mapping[str, Any], tasks: Sequence[TaskHead], *, vectors: str,
-                embedding_size: int, freeze_embeddings: bool) -> MRNet:
-    """The model factory the training processes call: MRNet over the word2vec vectors."""
+def load_vectors(manifest: Mapping[str, Any], vectors: str) -> np.ndarray:
+    """The word2vec rows by vocabulary id, checked against the shards' vocabulary."""
     pretrained = np.load(vectors)
     if pretrained.shape[0] != manifest["vocabulary"]["size"]:
         raise TrainingError(f"{vectors} has {pretrained.shape[0]} rows, the shards' vocabulary "
                             f"{manifest['vocabulary']['size']} ids: rerun the train stage")
+    return pretrained
+
+
+def build_mrnet(manifest: Mapping[str, Any], tasks: Sequence[TaskHead], *, vectors: str,
+                embedding_size: int, freeze_embeddings: bool) -> MRNet:
+    """The model factory the training processes call: MRNet over the word2vec vectors."""
+    pretrained = load_vectors(manifest, vectors)
     return MRNet(pretrained.shape[0], pretrained.shape[1], tasks, embedding_size=embedding_size,
                  pretrained=pretrained, freeze_embeddings=freeze_embeddings)
+
+
+def build_productnet(manifest: Mapping[str, Any], tasks: Sequence[TaskHead], *, vectors: str,
+                     embedding_size: int, freeze_embeddings: bool, sizes: Mapping[str, Any],
+                     init_from: str | None = None) -> ProductNet:
+    """The master model's factory: every text field of the shards (and their image features),
+    the word2vec vectors shared by the fields; `init_from` a checkpoint to start from (the
+    fine-tuning run starts from the main run's best epoch)."""
+    pretrained = load_vectors(manifest, vectors)
+    image = manifest.get("image_features")
+    model = ProductNet(pretrained.shape[0], pretrained.shape[1], manifest["max_len"], tasks,
+                       embedding_size=embedding_size, image_dim=image["dim"] if image else None,
+                       pretrained=pretrained, freeze_embeddings=freeze_embeddings, **sizes)
+    if init_from is not None:
+        model.load_state_dict(load_checkpoint(Path(init_from))["model"])
+    return model
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,6 +247,10 @@ def fingerprint(config: Config, manifest: Mapping[str, Any], vectors: Path) -> s
         "batch_size", "lr", "weight_decay", "grad_clip", "embedding_size", "freeze_embeddings",
         "optimisation", "tasks", "max_steps_per_epoch", "calibration_batches",
         "mixed_precision"})
+    if config.train.model != "mrnet":  # MRNet fingerprints stay what they were
+        shaping["model"] = config.train.model
+        shaping["productnet"] = config.train.productnet.model_dump(mode="json",
+                                                                   exclude={"finetune"})
     with open(vectors, "rb") as handle:
         vectors_hash = hashlib.file_digest(handle, "sha256").hexdigest()
     return _digest([shaping, train_seed(config), manifest["config_hash"], manifest["files"],
@@ -240,13 +281,18 @@ def loop_spec(config: Config, shard_dir: Path, run_dir: Path, vectors: Path,
         calibration_batches=settings.calibration_batches, device=settings.device,
         mixed_precision=settings.mixed_precision, threads=launch.threads,
         loader_workers=settings.loader_workers,
-        progress=launch.mode != "cluster" and sys.stderr.isatty())
+        progress=launch.mode != "cluster" and sys.stderr.isatty(),
+        driver_pid=os.getpid() if launch.mode == "local" else None)
 
 
-def model_factory(config: Config, vectors: Path) -> partial[MRNet]:
+def model_factory(config: Config, vectors: Path) -> partial[nn.Module]:
     """Picklable (a partial of a module function), so it crosses to the processes."""
-    return partial(build_mrnet, vectors=str(vectors), embedding_size=config.train.embedding_size,
-                   freeze_embeddings=config.train.freeze_embeddings)
+    common = {"vectors": str(vectors), "embedding_size": config.train.embedding_size,
+              "freeze_embeddings": config.train.freeze_embeddings}
+    if config.train.model == "productnet":
+        sizes = config.train.productnet.model_dump(exclude={"finetune"})
+        return partial(build_productnet, sizes=sizes, **common)
+    return partial(build_mrnet, **common)
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,12 +408,13 @@ def log_history(history: Sequence[Mapping[str, float]], prefix: str, title: str)
         mlflow.log_figure(learning_curves(history, title), f"{prefix}learning_curves.png")
 
 
-def train_and_log(launch: Launch, spec: LoopSpec, factory: partial[MRNet], resume: bool,
-                  prefix: str, title: str) -> tuple[dict[str, Any], dict[str, float]]:
+def train_and_log(launch: Launch, spec: LoopSpec, factory: partial[nn.Module], resume: bool,
+                  prefix: str, title: str, objective: ObjectiveFactory = MultitaskObjective
+                  ) -> tuple[dict[str, Any], dict[str, float]]:
     """Train, then log the history, also when training fails (what it reached is kept).
     Returns the result and the best epoch's metrics."""
     try:
-        result = train_model(launch, spec, factory, resume)
+        result = train_model(launch, spec, factory, resume, objective)
     finally:
         history = read_history(Path(spec.run_dir))
         log_history(history, prefix, title)
@@ -386,8 +433,9 @@ def train_and_log(launch: Launch, spec: LoopSpec, factory: partial[MRNet], resum
     return result, {metric_key(key): value for key, value in metrics.items()}
 
 
-def load_trained(config: Config, shard_dir: Path, run_dir: Path, vectors: Path) -> MRNet:
-    """The best epoch's MRNet, on the CPU, in eval mode."""
+def load_trained(config: Config, shard_dir: Path, run_dir: Path, vectors: Path
+                 ) -> MRNet | ProductNet:
+    """The best epoch's model (`train.model`), on the CPU, in eval mode."""
     manifest = load_manifest(shard_dir)
     model = model_factory(config, vectors)(manifest, task_heads(manifest, config.train.tasks))
     model.load_state_dict(load_checkpoint(run_dir / BEST)["model"])
@@ -404,7 +452,7 @@ def export_files(shard_dir: Path, out: Path, manifests: Mapping[str, Mapping[str
     """What travels with the model: the vocabulary, how text becomes ids, the label maps."""
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(manifests.values()))
-    vocabulary = out / "vocabulary.parquet"
+    vocabulary = out / VOCABULARY_FILE
     vocabulary.write_bytes((shard_dir / first["vocabulary"]["path"]).read_bytes())
     save_json(out / "tokenizer.json", {
         "format": "prodvec.tokenizer/1", "tokenize": "pipelines.tokenizer.tokenize",
@@ -412,13 +460,14 @@ def export_files(shard_dir: Path, out: Path, manifests: Mapping[str, Mapping[str
         "separator": SEPARATOR, "pad_id": PAD_ID, "oov_id": OOV_ID,
         "first_word_id": FIRST_WORD_ID, "vocabulary": vocabulary.name,
         "max_len": first["max_len"]["title"],
+        "fields": first["max_len"],  # ProductNet: every text field's ids (bullets: joined)
         "input": "ids of the first max_len tokens of the normalised title, 0-padded at the end",
     })
     save_json(out / "labels.json", {
         group: [{key: task[key] for key in ("name", "kind", "source", "num_outputs", "labels",
                                             "stats")} for task in manifest["tasks"]]
         for group, manifest in manifests.items()})
-    return [str(out / name) for name in ("vocabulary.parquet", "tokenizer.json", "labels.json")]
+    return [str(out / name) for name in (VOCABULARY_FILE, "tokenizer.json", "labels.json")]
 
 
 def log_and_register(module: nn.Module, example: np.ndarray, name: str, extra_files: list[str],
@@ -448,6 +497,101 @@ def log_and_register(module: nn.Module, example: np.ndarray, name: str, extra_fi
 def example_ids(shard_dir: Path, rows: int = 4) -> np.ndarray:
     batch = next(iter(make_loader(shard_dir, "validation", rows, shuffle=False)))
     return batch["title_ids"].numpy()
+
+
+def example_fields(shard_dir: Path, model: ProductNet, rows: int = 4) -> np.ndarray:
+    """A ProductNetEncoder input (models.encoders.pack_fields) from validation rows."""
+    batch = next(iter(make_loader(shard_dir, "validation", rows, shuffle=False)))
+    image = (batch["image_features"].numpy(), batch["image_missing"].numpy()) \
+        if model.image_dim is not None else (None, None)
+    return pack_fields([batch[f"{name}_ids"].numpy() for name, _ in model.fields], *image)
+
+
+# ---------------------------------------------------------------------------------------
+# Products-10K: balanced-subset fine-tuning with the accuracy loss
+# ---------------------------------------------------------------------------------------
+
+
+def balanced_subset(shard_dir: Path, out: Path, task: str, per_class: int, seed: int,
+                    row_group_rows: int) -> Path:
+    """A shard set whose train split holds at most `per_class` labelled rows of each class
+    of `task` (all of a smaller class), sampled by seed, in random order; its validation and
+    test entries point at `shard_dir`'s own files (absolute paths), so only the subset is
+    written. Reads the label column of every train file, then each file's chosen rows."""
+    manifest = load_manifest(shard_dir)
+    entries = manifest["files"]["train"]
+    labels = [pq.read_table(shard_dir / entry["path"], columns=[task]).column(task)
+              for entry in entries]
+    file_of = np.concatenate([np.full(len(column), i) for i, column in enumerate(labels)])
+    row_of = np.concatenate([np.arange(len(column)) for column in labels])
+    label = np.concatenate([pc.fill_null(column, -1).to_numpy() for column in labels])
+    order = np.random.default_rng(seed).permutation(len(label))
+    order = order[label[order] >= 0]  # unlabelled rows cannot balance anything
+    by_class = order[np.argsort(label[order], kind="stable")]  # random within each class
+    starts = np.searchsorted(label[by_class], label[by_class], side="left")
+    chosen = by_class[np.arange(len(by_class)) - starts < per_class]
+    if not len(chosen):
+        raise TrainingError(f"{shard_dir}: no train row has a {task!r} label to fine-tune on")
+    pieces = []
+    for index, entry in enumerate(entries):
+        rows = np.sort(row_of[chosen[file_of[chosen] == index]])
+        if len(rows):
+            pieces.append(pq.read_table(shard_dir / entry["path"]).take(rows))
+    table = pa.concat_tables(pieces)  # in file order: shuffled below, so no batch is one class
+    table = table.take(np.random.default_rng(seed + 1).permutation(table.num_rows))
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "train").mkdir(parents=True)
+    pq.write_table(table, out / "train" / "part-00000.parquet", row_group_size=row_group_rows)
+    root = shard_dir.resolve()
+    subset = {**manifest, "splits": {**manifest["splits"], "train": table.num_rows}}
+    subset["files"] = {split: describe_files(out / "train") if split == "train" else
+                       [{**entry, "path": str(root / entry["path"])} for entry in files]
+                       for split, files in manifest["files"].items()}
+    subset["vocabulary"] = {**manifest["vocabulary"],
+                            "path": str(root / manifest["vocabulary"]["path"])}
+    subset["balanced_subset"] = {"source": str(root), "task": task, "per_class": per_class,
+                                 "classes": len(np.unique(label[chosen]))}
+    save_json(out / MANIFEST, subset)
+    return out
+
+
+def finetune_task(config: Config, tasks: Sequence[TaskHead]) -> str:
+    """The multiclass task the fine-tuning subset is balanced on."""
+    wanted = config.train.productnet.finetune.task
+    multiclass = [task.name for task in tasks if task.kind == "multiclass"]
+    if wanted is None and multiclass:
+        return multiclass[0]
+    if wanted not in multiclass:
+        raise TrainingError(f"train.productnet.finetune.task {wanted!r} must name a multiclass "
+                            f"task being trained (multiclass tasks: {multiclass})")
+    return wanted
+
+
+def finetune(config: Config, launch: Launch, main: LoopSpec, vectors: Path, out: Path
+             ) -> tuple[Path, dict[str, float]]:
+    """Products-10K's last epochs: the balanced subset, the accuracy loss, the main run's
+    best weights to start from; the loop (and its checkpoints, resume and early stopping)
+    is the same. Returns the fine-tuning run folder and its best epoch's metrics."""
+    settings = config.train.productnet.finetune
+    shard_dir = Path(main.shard_dir)
+    manifest = load_manifest(shard_dir)
+    task = finetune_task(config, task_heads(manifest, config.train.tasks))
+    subset = balanced_subset(shard_dir, out / "finetune_shards", task, settings.per_class,
+                             main.seed, config.shard.row_group_rows)
+    log.info("fine-tuning on %d balanced rows of %r (at most %d a class)",
+             load_manifest(subset)["splits"]["train"], task, settings.per_class)
+    start = Path(main.run_dir) / BEST
+    with open(start, "rb") as handle:  # a new main run means new starting weights
+        start_hash = hashlib.file_digest(handle, "sha256").hexdigest()
+    spec = replace(main, shard_dir=str(subset), run_dir=str(out / "finetune"),
+                   epochs=settings.epochs, lr=settings.lr, fingerprint=_digest(
+                       [main.fingerprint, start_hash, settings.model_dump(mode="json")]))
+    factory = partial(model_factory(config, vectors), init_from=str(start))
+    _, metrics = train_and_log(launch, spec, factory, config.train.resume, prefix="finetune.",
+                               title="ProductNet, balanced-subset fine-tuning",
+                               objective=AccuracyObjective)
+    return Path(spec.run_dir), metrics
 
 
 # ---------------------------------------------------------------------------------------
@@ -600,8 +744,13 @@ def run(spark: SparkSession, config: Config) -> StageResult:
 
     shard_dir, run_dir = sets[None], out / "model"
     spec = loop_spec(config, shard_dir, run_dir, vectors, launch)
+    productnet = settings.model == "productnet"
     result, metrics = train_and_log(launch, spec, model_factory(config, vectors),
-                                    settings.resume, prefix="", title="MRNet")
+                                    settings.resume, prefix="",
+                                    title="ProductNet" if productnet else "MRNet")
+    if productnet and settings.productnet.finetune.epochs:
+        run_dir, tuned = finetune(config, launch, spec, vectors, out)
+        metrics.update(tuned)
     model = load_trained(config, shard_dir, run_dir, vectors)
     mlflow.log_params({"model.parameters": sum(p.numel() for p in model.parameters()),
                        "model.vocab_size": model.words.num_embeddings,
@@ -609,12 +758,20 @@ def run(spark: SparkSession, config: Config) -> StageResult:
                        "model.tasks": ",".join(task.name for task in model.tasks)})
     manifest = load_manifest(shard_dir)
     extra = export_files(shard_dir, out / "export", {"all": manifest})
-    name = settings.registered_model_name or f"prodvec-mrnet-{config.catalog.name}"
+    name = settings.registered_model_name or f"prodvec-{settings.model}-{config.catalog.name}"
+    if isinstance(model, ProductNet):
+        served, example = ProductNetEncoder(model), example_fields(shard_dir, model)
+        described = (f"int64 [B, {served.width}]: ids of fields {list(model.fields)} side by "
+                     "side, then image missing flag + float32 feature bits "
+                     "(models.encoders.pack_fields)")
+    else:
+        served, example = TitleEncoder(model), example_ids(shard_dir)
+        described = "int64 title ids [B, L] (tokenizer.json)"
     model_uri, version = log_and_register(
-        TitleEncoder(model), example_ids(shard_dir), name, extra,
+        served, example, name, extra,
         {"catalog": config.catalog.name, "config_hash": config.digest(),
          "best_epoch": result["best_epoch"], "embedding_size": settings.embedding_size,
-         "input": "int64 title ids [B, L] (tokenizer.json)",
+         "model": settings.model, "input": described,
          "output": f"product embedding [B, {settings.embedding_size}]"})
     return StageResult(
         rows={"train": manifest["splits"]["train"],

@@ -4,7 +4,8 @@ launches it, and that the single-process debugging path runs in the driver.
 It is model-agnostic: it takes a model factory (manifest, tasks -> an nn.Module whose
 `forward(batch, tasks=None)` returns one output per task) and an objective factory (tasks ->
 an nn.Module with `tasks`, `calibrate(batches)` and `forward(outputs, batch, task) -> (total,
-per-task losses)`), so the master model of issue 6 reuses it with its own factory.
+per-task losses)`), so the ProductNet master model (models/productnet.py) reuses it with its own factory, and its
+Products-10K fine-tuning with `AccuracyObjective`.
 
 What it does per process: pick the device (CUDA by LOCAL_RANK when visible) and the backend
 (NCCL on GPUs, gloo on CPUs) at run time, wrap the model in DDP, autocast on CUDA, validate
@@ -29,6 +30,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
@@ -84,6 +86,36 @@ class MultitaskObjective(nn.Module):
         return multitask_loss(outputs, batch, self.tasks, self.normaliser, task=task)
 
 
+def accuracy_loss(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Products-10K's accuracy loss over the labelled rows: 1 - mean(softmax probability of
+    the true class), a smooth stand-in for 1 - accuracy; 0 for a batch with no label."""
+    mask = mask.to(torch.bool)
+    probabilities = torch.softmax(logits.float(), dim=1)
+    true = probabilities.gather(1, torch.where(mask, target, 0).unsqueeze(1)).squeeze(1)
+    return torch.where(mask, 1.0 - true, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+class AccuracyObjective(MultitaskObjective):
+    """The fine-tuning objective of the Products-10K recipe: the accuracy loss for the
+    multiclass tasks, MRNet's normalised losses for any others, summed."""
+
+    def forward(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor],
+                task: str | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        selected = [t for t in self.tasks if task is None or t.name == task]
+        if not selected:
+            raise KeyError(f"unknown task {task!r}")
+        per_task = {t.name: accuracy_loss(outputs[t.name], batch[t.name],
+                                          batch[f"{t.name}_mask"])
+                    for t in selected if t.kind == "multiclass"}
+        losses, logged = list(per_task.values()), {n: v.detach() for n, v in per_task.items()}
+        others = [t for t in selected if t.kind != "multiclass"]
+        if others:
+            rest, rest_logged = multitask_loss(outputs, batch, others, self.normaliser)
+            losses.append(rest)
+            logged.update(rest_logged)
+        return torch.stack(losses).sum(), logged
+
+
 def task_heads(manifest: Mapping[str, Any], names: Sequence[str] = ()) -> list[TaskHead]:
     """The manifest's tasks (or the named ones, in manifest order) as TaskHeads.
 
@@ -128,6 +160,7 @@ class LoopSpec:
     threads: int = 1
     loader_workers: int = 0
     progress: bool = False  # rank 0 writes progress.json for the driver's progress bar
+    driver_pid: int | None = None  # local mode: the driver on this machine, watched (see below)
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,16 +207,20 @@ def f1_scores(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
     return (2 * tp / (2 * tp + fp + fn).clamp_min(1))[present]
 
 
+TOP_K = (3, 5)  # multiclass top-k accuracies beside accuracy (top-1), as ProductNet Table 1
+
+
 class TaskMetrics:
     """Validation statistics of one task, summable over batches and ranks; `compute` turns
-    them into metrics: accuracy and macro-F1 (multiclass, binary), RMSE in standardised
+    them into metrics: accuracy (top-1) and macro-F1 (multiclass, binary), top-3 and top-5
+    accuracy (multiclass with more classes than k), RMSE in standardised
     units (regression), micro- and macro-F1 at probability 0.5 (multilabel), and for every
     task its normalised loss (1 = the label prior's loss)."""
 
     def __init__(self, task: TaskHead, device: torch.device) -> None:
         self.task = task
         classes = 2 if task.kind == "binary" else task.num_outputs
-        size = {"multiclass": classes * classes, "binary": 4, "regression": 1,
+        size = {"multiclass": classes * classes + len(TOP_K), "binary": 4, "regression": 1,
                 "multilabel": 3 * task.num_outputs, "decoding": 0}[task.kind]
         # [loss sum, labelled rows, kind-specific statistics...], float64 so sums stay exact
         self.stats = torch.zeros(2 + size, dtype=torch.float64, device=device)
@@ -199,7 +236,12 @@ class TaskMetrics:
         if kind in ("multiclass", "binary"):
             predicted = output.argmax(dim=1) if kind == "multiclass" else (output > 0).long()
             cells = target.long() * self.classes + predicted
-            self.stats[2:] += torch.bincount(cells, minlength=self.classes**2).double()
+            end = 2 + self.classes**2
+            self.stats[2:end] += torch.bincount(cells, minlength=self.classes**2).double()
+            if kind == "multiclass":
+                ranked = output.topk(min(max(TOP_K), self.classes), dim=1).indices
+                hits = ranked == target.long().unsqueeze(1)
+                self.stats[end:] += torch.stack([hits[:, :k].sum() for k in TOP_K]).double()
         elif kind == "regression":
             self.stats[2] += (output - target).double().square().sum()
         elif kind == "multilabel":
@@ -217,11 +259,15 @@ class TaskMetrics:
         metrics = {"loss": stats[0].item() / n}
         kind = self.task.kind
         if kind in ("multiclass", "binary"):
-            confusion = stats[2:].reshape(self.classes, self.classes)
+            end = 2 + self.classes**2
+            confusion = stats[2:end].reshape(self.classes, self.classes)
             tp = confusion.diagonal()
             metrics["accuracy"] = (tp.sum() / n).item()
             metrics["macro_f1"] = f1_scores(tp, confusion.sum(0) - tp, confusion.sum(1) - tp) \
                 .mean().item()
+            for k, hits in zip(TOP_K, stats[end:].tolist(), strict=False):
+                if k < self.classes:  # with k >= classes every row is a hit
+                    metrics[f"top{k}_accuracy"] = hits / n
         elif kind == "regression":
             metrics["rmse"] = math.sqrt(stats[2].item() / n)
         elif kind == "multilabel":
@@ -572,6 +618,25 @@ class Trainer:
             raise TrainingError(f"DDP replicas diverged: parameter digests {digests}")
 
 
+def exit_with_driver(driver_pid: int, every_seconds: float = 2.0) -> threading.Thread:
+    """End this process when the driver process is gone. In local mode torchrun's processes
+    are the driver's grandchildren: a driver killed with SIGKILL (a scheduler's timeout, the
+    OOM killer) cannot stop them, and they would train on, holding cores and a port."""
+    def watch() -> None:
+        while True:
+            time.sleep(every_seconds)
+            try:
+                os.kill(driver_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                continue  # a process of another user holds the id: still alive
+
+    watcher = threading.Thread(target=watch, name="exit-with-driver", daemon=True)
+    watcher.start()
+    return watcher
+
+
 def train_process(spec: LoopSpec, model_factory: ModelFactory,
                   objective_factory: ObjectiveFactory) -> None:
     """The training function: runs in each TorchDistributor process, or once in the driver.
@@ -584,6 +649,8 @@ def train_process(spec: LoopSpec, model_factory: ModelFactory,
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+        if spec.driver_pid is not None:
+            exit_with_driver(spec.driver_pid)
     torch.set_num_threads(spec.threads)
     device = resolve_device(spec.device, ranks.local_rank)
     Path(spec.run_dir).mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ def test_config_command_prints_resolved_yaml(capsys):
     [
         (["config", "clean.nope=1"], "unknown key 'clean.nope'"),
         (["config", "--conf", "nope"], "no overlay named 'nope'"),
-        *[([stage.name], "is not built yet") for stage in STAGES if stage.module is None],
     ],
 )
 def test_expected_failures_are_one_line_and_exit_2(argv, message, capsys):
@@ -48,7 +47,9 @@ def test_run_executes_built_stages_and_summarises(spark, tmp_path, capsys):
         run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
     ]
     assert len(parents) == 1
-    built = [stage.name for stage in STAGES if stage.module is not None]
+    # Optional stages are off by default: skipped, listed as such, no MLflow run.
+    assert "skipped (disabled): image_features (image_features.enabled=false)" in out
+    built = [stage.name for stage in STAGES if stage.enabled_by is None]
     assert sorted(run.data.tags["prodvec.stage"] for run in children) == sorted(built)
     clean_run = next(run for run in children if run.data.tags["prodvec.stage"] == "clean")
     assert clean_run.data.metrics["rows_in"] == 400

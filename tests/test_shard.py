@@ -263,7 +263,7 @@ def test_tfidf_matches_scikit_learn(products, manifest):
 
 def test_token_ids_come_from_the_shared_vocabulary(built, products):
     config, _ = built
-    vocabulary = Vocabulary.load(config.stage_dir("shard") / shard.VOCABULARY)
+    vocabulary = Vocabulary.load(config.stage_dir("shard") / shard.VOCABULARY_FILE)
     assert vocabulary == Vocabulary.load(shard.vocabulary_path(config))
     texts = {"title": products.title, "description": products.description,
              "bullets": products.bullets.map(lambda b: None if b is None else " ".join(b)),
