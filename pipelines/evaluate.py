@@ -50,7 +50,8 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.manifold import TSNE
-from sklearn.model_selection import StratifiedKFold, cross_validate
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -196,12 +197,13 @@ def fold_splits(labels: np.ndarray, folds: int, train_rows: int | None,
 
 def probe_models(settings: EvaluateConfig, seed: int) -> dict[tuple[str, str], Any]:
     """(model, features) -> an unfitted sklearn estimator; TF-IDF is part of the estimator,
-    so it is fitted on each fold's training titles only."""
+    so it is fitted on each fold's training titles only. One core each: the fits themselves
+    run in parallel (`run_probes`)."""
     def tfidf() -> TfidfVectorizer:
         return TfidfVectorizer(max_features=settings.tfidf_max_features, sublinear_tf=True)
 
     def forest() -> RandomForestClassifier:
-        return RandomForestClassifier(settings.forest_trees, n_jobs=-1, random_state=seed)
+        return RandomForestClassifier(settings.forest_trees, n_jobs=1, random_state=seed)
 
     def logistic() -> LogisticRegression:
         return LogisticRegression(max_iter=2000)
@@ -214,20 +216,50 @@ def probe_models(settings: EvaluateConfig, seed: int) -> dict[tuple[str, str], A
     }
 
 
-def probe(sample: Sample, task: TaskSpec, settings: EvaluateConfig, seed: int,
-          trained: str | None) -> tuple[list[dict[str, Any]], list[str]]:
-    """Scores of every (setting, model, features) for one probe task, and why any setting
-    was skipped."""
+@dataclass(frozen=True)
+class ProbePlan:
+    """One probe's labelled sample rows and its folds per setting ('full', 'small')."""
+
+    task: TaskSpec
+    trained_on: str  # the trained task that reads the same labels, or ""
+    rows: np.ndarray  # sample rows with a usable label
+    labels: np.ndarray
+    left_out: int  # labelled rows of classes too small to cross-validate
+    folds: int
+    splits: dict[str, list[tuple[np.ndarray, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One independent unit of probe work: a (setting, model, features) on one fold."""
+
+    task: str
+    setting: str
+    model: str
+    features: str
+    fold: int
+
+
+def plan_probe(sample: Sample, task: TaskSpec, settings: EvaluateConfig, seed: int,
+               trained: str | None) -> tuple[ProbePlan | None, list[str]]:
+    """The probe's folds, or None, and why any part of it cannot run on this sample.
+
+    Classes with fewer products than `folds` are left out (counted in `rare_rows_left_out`)
+    so that one rare class does not cut the folds of all; only when fewer than two classes
+    are that large do the folds shrink, to the second-largest class's size."""
     rows, labels, rare = encode_labels(sample.labels[task.name], task)
-    classes = len(set(labels))
     where = f"probe '{task.name}' ({task.source})"
-    if classes < 2:
-        return [], [f"{where}: {classes} class(es) among {len(rows)} labelled products"]
-    folds = min(settings.folds, int(pd.Series(labels).value_counts().min()))
+    counts = pd.Series(labels).value_counts()
+    if len(counts) < 2:
+        return None, [f"{where}: {len(counts)} class(es) among {len(rows)} labelled products"]
     skipped = []
-    if folds < settings.folds:
-        skipped.append(f"{where}: {folds} folds, not {settings.folds}: the smallest class "
-                       f"has {folds} products")
+    folds = settings.folds
+    if (counts >= folds).sum() < 2:
+        folds = max(2, int(counts.iloc[1]))
+        skipped.append(f"{where}: {folds} folds, not {settings.folds}: fewer than two classes "
+                       f"have {settings.folds} products")
+    keep = np.isin(labels, counts.index[counts >= folds])
+    rows, labels, rare = rows[keep], labels[keep], rare + int((~keep).sum())
     settings_rows: dict[str, int | None] = {"full": None}
     smallest_train = len(rows) - math.ceil(len(rows) / folds)
     if smallest_train > settings.small_train_rows:
@@ -235,22 +267,62 @@ def probe(sample: Sample, task: TaskSpec, settings: EvaluateConfig, seed: int,
     else:
         skipped.append(f"{where}: no small-training-set variant: folds train on at most "
                        f"{smallest_train} products, not more than {settings.small_train_rows}")
-    inputs = {"embedding": sample.vectors[rows], "tfidf": sample.titles[rows]}
+    splits = {setting: fold_splits(labels, folds, train_rows, seed)
+              for setting, train_rows in settings_rows.items()}
+    return ProbePlan(task, trained or "", rows, labels, rare, folds, splits), skipped
+
+
+def score_fit(fit: Fit, plans: dict[str, ProbePlan], vectors: np.ndarray, titles: np.ndarray,
+              settings: EvaluateConfig, seed: int) -> tuple[Fit, float, float]:
+    """(the fit, accuracy, macro-F1) of one model trained and tested on one fold."""
+    plan = plans[fit.task]
+    train, test = plan.splits[fit.setting][fit.fold]
+    inputs = (vectors if fit.features == "embedding" else titles)[plan.rows]
+    estimator = probe_models(settings, seed)[(fit.model, fit.features)]
+    estimator.fit(inputs[train], plan.labels[train])
+    predicted = estimator.predict(inputs[test])
+    return (fit, float(accuracy_score(plan.labels[test], predicted)),
+            float(f1_score(plan.labels[test], predicted, average="macro")))
+
+
+def run_probes(plans: list[ProbePlan], sample: Sample, settings: EvaluateConfig, seed: int,
+               spark: SparkSession | None = None) -> list[dict[str, Any]]:
+    """Every fold of every (probe, setting, model, features), each fit a Spark task when a
+    session is given (the sample and folds broadcast once), else one after another here;
+    then the fold means, one row per (probe, setting, model, features)."""
+    by_task = {plan.task.name: plan for plan in plans}
+    fits = [Fit(plan.task.name, setting, model, features, fold)
+            for plan in plans for setting, splits in plan.splits.items()
+            for model, features in probe_models(settings, seed)
+            for fold in range(len(splits))]
+    if not fits:
+        return []
+    shared = (by_task, sample.vectors, sample.titles, settings, seed)
+    if spark is None:
+        results = [score_fit(fit, *shared) for fit in fits]
+    else:
+        broadcast = spark.sparkContext.broadcast(shared)
+        try:
+            results = spark.sparkContext.parallelize(fits, len(fits)).map(
+                lambda fit: score_fit(fit, *broadcast.value)).collect()
+        finally:
+            broadcast.destroy()
+    frame = pd.DataFrame([{**vars(fit), "accuracy": accuracy, "macro_f1": macro_f1}
+                          for fit, accuracy, macro_f1 in results])
+    means = frame.groupby(["task", "setting", "model", "features"], sort=False)[
+        ["accuracy", "macro_f1"]].mean().reset_index()
     scores = []
-    for setting, train_rows in settings_rows.items():
-        splits = fold_splits(labels, folds, train_rows, seed)
-        for (model, features), estimator in probe_models(settings, seed).items():
-            result = cross_validate(estimator, inputs[features], labels, cv=splits,
-                                    scoring=("accuracy", "f1_macro"))
-            scores.append({
-                "task": task.name, "source": task.source, "trained_on": trained or "",
-                "setting": setting, "model": model, "features": features,
-                "accuracy": float(result["test_accuracy"].mean()),
-                "macro_f1": float(result["test_f1_macro"].mean()),
-                "folds": folds, "train_rows": len(splits[0][0]), "rows": len(rows),
-                "classes": classes, "rare_rows_left_out": rare,
-            })
-    return scores, skipped
+    for row in means.itertuples(index=False):
+        plan = by_task[row.task]
+        scores.append({
+            "task": row.task, "source": plan.task.source, "trained_on": plan.trained_on,
+            "setting": row.setting, "model": row.model, "features": row.features,
+            "accuracy": float(row.accuracy), "macro_f1": float(row.macro_f1),
+            "folds": plan.folds, "train_rows": len(plan.splits[row.setting][0][0]),
+            "rows": len(plan.rows), "classes": len(set(plan.labels)),
+            "rare_rows_left_out": plan.left_out,
+        })
+    return scores
 
 
 def relative_differences(scores: pd.DataFrame) -> pd.DataFrame:
@@ -506,15 +578,16 @@ def run(spark: SparkSession, config: Config) -> StageResult:
     log.info("evaluate: version %d, %d products sampled", version, rows["sample"])
 
     sources = trained_sources(config)
-    scores: list[dict[str, Any]] = []
+    plans = []
     for task in settings.probes:
         trained = trained_on(task, sources)
         if trained:
             log.warning("evaluate: probe '%s' reads %s, which trained task '%s' also reads: "
                         "not a held-out task", task.name, task.source, trained)
-        task_scores, task_skipped = probe(sample, task, settings, config.seed, trained)
-        scores += task_scores
+        plan, task_skipped = plan_probe(sample, task, settings, config.seed, trained)
+        plans += [plan] if plan else []
         skipped += task_skipped
+    scores = run_probes(plans, sample, settings, config.seed, spark)
     probe_frame = pd.DataFrame(scores)
     relative = relative_differences(probe_frame)
     if scores:

@@ -22,8 +22,9 @@ from pipelines.evaluate import (
     category_retrieval,
     embedding_drift,
     encode_labels,
-    probe,
+    plan_probe,
     relative_differences,
+    run_probes,
     table_drift,
     trained_on,
     trained_sources,
@@ -254,15 +255,42 @@ def test_encode_labels(labels, top_n, expect_rows, expect_labels, rare):
     assert left_out == rare
 
 
-def test_probe_degrades_on_tiny_data_with_reasons():
+@pytest.mark.parametrize("labels, folds, rows, left_out, reasons", [
+    (["x", "y", "z"] * 3, 3, 9, 0, ["3 folds, not 5", "no small-training-set variant"]),
+    (["x"] * 6 + ["y"] * 6 + ["z"] * 2, 5, 12, 2, ["no small-training-set variant"]),  # z out
+    (["x"] * 6 + ["y"] * 2 + [None], 2, 8, 0, ["2 folds, not 5", "no small-training-set"]),
+])
+def test_plan_probe_keeps_the_folds_and_leaves_out_rare_classes(labels, folds, rows, left_out,
+                                                                reasons):
     settings = EvaluateConfig(folds=5, small_train_rows=10, forest_trees=5)
     task = TaskSpec(name="t", kind="multiclass", source="brand", top_n=5)
-    scores, skipped = probe(_sample(["x", "y", "z"] * 3), task, settings, 0, None)
-    assert {row["folds"] for row in scores} == {3} and len(scores) == 4  # full setting only
-    assert any("3 folds, not 5" in reason for reason in skipped)
-    assert any("no small-training-set variant" in reason for reason in skipped)
-    scores, skipped = probe(_sample(["x"] * 4 + [None]), task, settings, 0, None)
-    assert scores == [] and "1 class(es) among 4 labelled products" in skipped[0]
+    plan, skipped = plan_probe(_sample(labels), task, settings, 0, None)
+    assert (plan.folds, len(plan.rows), plan.left_out) == (folds, rows, left_out)
+    assert list(plan.splits) == ["full"] and len(plan.splits["full"]) == folds
+    assert len(skipped) == len(reasons)
+    assert all(reason in said for reason, said in zip(reasons, skipped, strict=True))
+
+
+def test_plan_probe_with_one_class_says_so():
+    task = TaskSpec(name="t", kind="multiclass", source="brand", top_n=5)
+    plan, skipped = plan_probe(_sample(["x"] * 4 + [None]), task, EvaluateConfig(), 0, None)
+    assert plan is None and "1 class(es) among 4 labelled products" in skipped[0]
+
+
+def test_probe_fits_on_spark_equal_the_fits_run_here(spark):
+    settings = EvaluateConfig(folds=3, small_train_rows=20, forest_trees=5,
+                              tfidf_max_features=50)
+    task = TaskSpec(name="t", kind="multiclass", source="brand", top_n=5)
+    sample = _sample(["x", "y", "z"] * 20, seed=1)  # the title names the class
+    plan, _ = plan_probe(sample, task, settings, 0, None)
+    here = run_probes([plan], sample, settings, 0)
+    on_spark = run_probes([plan], sample, settings, 0, spark)
+    assert len(here) == 2 * 2 * 2  # settings x models x features
+    assert pd.DataFrame(on_spark).equals(pd.DataFrame(here))
+    full = {(row["model"], row["features"]): row for row in here if row["setting"] == "full"}
+    assert full["logreg", "tfidf"]["accuracy"] == 1.0  # the titles carry the label
+    assert full["logreg", "embedding"]["accuracy"] < 0.7  # random vectors do not
+    assert full["logreg", "tfidf"]["rows"] == 60 and full["logreg", "tfidf"]["folds"] == 3
 
 
 def test_relative_difference_is_the_papers():
