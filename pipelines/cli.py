@@ -124,13 +124,19 @@ def _vacuum(config: Config, table: str | None, hours: int | None, dry_run: bool)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes all positionals at their first run, so overrides written after an
+    # option (`neighbors ID -k 3 workdir=...`) arrive here: they are overrides all the same.
+    if extra and not all("=" in item and not item.startswith("-") for item in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("py4j", "alembic", "urllib3", "mlflow.store.db.utils"):
+    for noisy in ("py4j", "alembic", "urllib3", "mlflow.store.db.utils", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Which build runs: under spark-submit, the wheel given with --py-files.
     log.info("prodvec %s from %s", version("prodvec"), Path(__file__).parent)

@@ -305,11 +305,13 @@ def cli_overrides(config) -> list[str]:
             f"tracking.uri={config.tracking.uri}"]
 
 
-def test_neighbors_command_prints_ids_scores_and_titles(indexed, capsys):
+@pytest.mark.parametrize("order", ["options first", "id first"])
+def test_neighbors_command_prints_ids_scores_and_titles(indexed, capsys, order):
     config, _ = indexed
     loaded = load_index(EmbeddingTable.from_config(config))
     product = loaded.product_ids[0].as_py()
-    assert main(["neighbors", "-k", "3", product, *cli_overrides(config)]) == 0
+    arguments = ["-k", "3", product] if order == "options first" else [product, "-k", "3"]
+    assert main(["neighbors", *arguments, *cli_overrides(config)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith(product) and len(lines[0]) > len(product)  # its title follows
     assert f"3 neighbours from the flat index of version 0 ({len(loaded.product_ids):,} " \
@@ -331,6 +333,13 @@ def test_neighbors_command_fails_clearly(indexed, capsys, arguments, message):
     config, _ = indexed
     assert main(["neighbors", *arguments, *cli_overrides(config)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_neighbors_command_refuses_an_unknown_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["neighbors", "x", "--bogus", "workdir=/nowhere"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_diverse_queries_cover_more_categories_than_uniform_sampling(embedded_pipeline):
