@@ -10,8 +10,8 @@ annotator starts from 5 positive and 5 negative products and, as keywords, the w
 at least two of the positive titles share (stop words, numbers and single letters left
 out); then labels `budget` products in rounds of `batch`, each strategy of
 `pipelines.annotate.suggest` choosing the rounds: random, keyword only, knn, uncertainty
-(logistic regression) and mixed (knn + keyword + uncertainty in turn; also with naive Bayes
-and an MLP).
+(logistic regression) and mixed (knn + keyword + uncertainty, each source's share of a round
+following its hits so far; also with naive Bayes and an MLP).
 
 Vectors: the averaged word2vec vectors of the titles (`pipelines.index.title_vectors`,
 gensim trained here on the catalog's titles, no labels involved), or with `--table` the

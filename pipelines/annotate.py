@@ -9,7 +9,8 @@ positives. Candidates come from:
 - `keyword`: unlabelled titles holding the annotator's keywords, most keywords first;
 - `uncertainty`: a small classifier (`logreg`, `naive_bayes` or `mlp`) fitted on the labels
   so far, asking about the products it is least sure of (probability nearest 0.5);
-- `mixed`: the three above taken in turn, duplicates skipped;
+- `mixed`: the three above in one round, duplicates skipped, each source's share of the
+  round following its hit rate so far (`MixedSampler`; equal shares before any label);
 - `random`: the baseline.
 
 `Oracle` holds the true labels of a simulation and reveals them only when asked, counting
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -135,9 +137,10 @@ def suggest(vectors: np.ndarray, titles: Sequence[str | None] | np.ndarray,
             labels: Mapping[int, bool], n: int, strategy: Strategy, *,
             keywords: Iterable[str] = (), learner: Learner = "logreg",
             seed: int = 0) -> np.ndarray:
-    """Up to n distinct unlabelled rows to label next, by `strategy`. `mixed` takes knn,
-    keyword and uncertainty candidates in turn (a part that cannot run, e.g. no keyword or
-    no negative yet, gives way to the others)."""
+    """Up to n distinct unlabelled rows to label next, by `strategy`. `mixed` here has no
+    history: equal shares of knn, keyword and uncertainty candidates (a source that cannot
+    run, e.g. no keyword or no negative yet, gives way to the others); across rounds, keep
+    one `MixedSampler`, whose shares follow each source's hits."""
     if n < 1:
         raise AnnotationError(f"n={n}: ask for at least one suggestion")
     if len(vectors) != len(titles):
@@ -155,23 +158,73 @@ def suggest(vectors: np.ndarray, titles: Sequence[str | None] | np.ndarray,
         return uncertainty_candidates(vectors, labels, n, learner, seed)
     if strategy != "mixed":
         raise AnnotationError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
-    parts = []
-    for part in ("knn", "keyword", "uncertainty"):
-        try:
-            parts.append(suggest(vectors, titles, labels, n, part, keywords=keywords,
-                                 learner=learner, seed=seed))
-        except AnnotationError:
-            continue
-    if not parts:
-        raise AnnotationError("mixed suggestions need a positive label, a keyword, or both "
-                              "positive and negative labels")
-    turns = np.full((len(parts), n), -1, dtype=np.int64)
-    for index, part in enumerate(parts):
-        turns[index, : len(part)] = part
-    interleaved = turns.T.ravel()
-    interleaved = interleaved[interleaved >= 0]
-    _, first = np.unique(interleaved, return_index=True)
-    return interleaved[np.sort(first)][:n]
+    return MixedSampler().suggest(vectors, titles, labels, n, keywords=keywords,
+                                  learner=learner, seed=seed)
+
+
+SOURCES = ("knn", "keyword", "uncertainty")
+
+
+def shares_to_counts(shares: Mapping[str, float], n: int) -> dict[str, int]:
+    """n suggestions split over the sources by share (largest remainder), at least one each
+    while n allows: a source that did badly early still gets asked, so it can recover."""
+    names = sorted(shares, key=lambda name: -shares[name])
+    floor = dict.fromkeys(names, 1 if n >= len(names) else 0)
+    rest = n - sum(floor.values())
+    total = sum(shares.values())
+    exact = {name: rest * shares[name] / total for name in names}
+    counts = {name: floor[name] + int(exact[name]) for name in names}
+    for name in sorted(names, key=lambda name: -(exact[name] - int(exact[name])))[
+            : n - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+@dataclass
+class MixedSampler:
+    """The `mixed` strategy across rounds: each source's share of a round is its posterior
+    mean hit rate, (positives + 1) / (asked + 2), from the rows it proposed before; a source
+    that cannot run yet (no keyword, no negative label) gives its share to the others."""
+
+    positives: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+    asked: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+    proposed: dict[int, str] = field(default_factory=dict)  # row -> the source that asked
+
+    def suggest(self, vectors: np.ndarray, titles: Sequence[str | None] | np.ndarray,
+                labels: Mapping[int, bool], n: int, *, keywords: Iterable[str] = (),
+                learner: Learner = "logreg", seed: int = 0) -> np.ndarray:
+        candidates = {}
+        for source in SOURCES:
+            try:
+                candidates[source] = suggest(vectors, titles, labels, n, source,
+                                             keywords=keywords, learner=learner, seed=seed)
+            except AnnotationError:
+                continue
+        if not candidates:
+            raise AnnotationError("mixed suggestions need a positive label, a keyword, or both "
+                                  "positive and negative labels")
+        wanted = shares_to_counts({source: (self.positives[source] + 1)
+                                   / (self.asked[source] + 2) for source in candidates}, n)
+        picked: dict[int, str] = {}
+        for rule in (wanted, dict.fromkeys(candidates, n)):  # shares first, then fill up
+            for source, rows in candidates.items():
+                taken = sum(1 for owner in picked.values() if owner == source)
+                for row in rows.tolist():
+                    if len(picked) == n or taken >= rule[source]:
+                        break
+                    if row not in picked:
+                        picked[row] = source
+                        taken += 1
+        self.proposed.update(picked)
+        return np.fromiter(picked, dtype=np.int64, count=len(picked))
+
+    def update(self, revealed: Mapping[int, bool]) -> None:
+        """Credit each revealed row's label to the source that proposed it."""
+        for row, positive in revealed.items():
+            source = self.proposed.pop(row, None)
+            if source is not None:
+                self.asked[source] += 1
+                self.positives[source] += int(positive)
 
 
 class Oracle:
@@ -199,13 +252,18 @@ def simulate(vectors: np.ndarray, titles: Sequence[str | None] | np.ndarray, ora
     an annotator would; every strategy gets the same rule."""
     labels = dict(seed_labels)
     keywords = list(keywords)
+    mixer = MixedSampler()
     found = 0
     round_ = 0
     asked = oracle.requests  # the seeds may have come from the oracle too: not in the budget
     while oracle.requests - asked < budget:
         size = min(batch, budget - (oracle.requests - asked))
-        picked = suggest(vectors, titles, labels, size, strategy, keywords=keywords,
-                         learner=learner, seed=seed + round_)
+        if strategy == "mixed":
+            picked = mixer.suggest(vectors, titles, labels, size, keywords=keywords,
+                                   learner=learner, seed=seed + round_)
+        else:
+            picked = suggest(vectors, titles, labels, size, strategy, keywords=keywords,
+                             learner=learner, seed=seed + round_)
         if len(picked) < size:
             extra = suggest(vectors, titles, {**labels, **dict.fromkeys(picked.tolist(), False)},
                             size - len(picked), "random", seed=seed + round_)
@@ -213,6 +271,7 @@ def simulate(vectors: np.ndarray, titles: Sequence[str | None] | np.ndarray, ora
         if not len(picked):
             break
         revealed = oracle.reveal(picked)
+        mixer.update(revealed)
         found += sum(revealed.values())
         labels.update(revealed)
         round_ += 1

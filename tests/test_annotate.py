@@ -7,10 +7,12 @@ import pytest
 
 from pipelines.annotate import (
     AnnotationError,
+    MixedSampler,
     Oracle,
     keyword_candidates,
     keyword_hits,
     knn_candidates,
+    shares_to_counts,
     simulate,
     suggest,
     uncertainty_candidates,
@@ -62,7 +64,7 @@ def test_uncertainty_asks_about_the_boundary(learner):
     assert len(picked) == 5 and np.abs(x[picked, 0]).max() < 1.6
 
 
-def test_mixed_takes_each_part_in_turn_without_repeats():
+def test_mixed_takes_a_share_of_each_source_without_repeats():
     vectors, titles, truth = _pool()
     labels = {int(i): True for i in np.flatnonzero(truth)[:3]}
     labels.update({int(i): False for i in np.flatnonzero(~truth)[:3]})
@@ -75,6 +77,35 @@ def test_mixed_takes_each_part_in_turn_without_repeats():
     only_positive = {k: v for k, v in labels.items() if v}
     assert suggest(vectors, titles, only_positive, 5, "mixed").tolist() == \
         knn_candidates(vectors, only_positive, 5).tolist()
+
+
+@pytest.mark.parametrize("shares, n, expected", [
+    ({"knn": 0.5, "keyword": 0.5, "uncertainty": 0.5}, 30, {"knn": 10, "keyword": 10,
+                                                            "uncertainty": 10}),
+    # one each, then 17 by share (10.2, 5.67, 1.13), the largest remainder rounded up
+    ({"knn": 0.9, "keyword": 0.5, "uncertainty": 0.1}, 20, {"knn": 11, "keyword": 7,
+                                                            "uncertainty": 2}),
+    ({"knn": 0.9, "keyword": 0.1}, 1, {"knn": 1, "keyword": 0}),  # fewer slots than sources
+    ({"knn": 0.2}, 7, {"knn": 7}),
+])
+def test_shares_to_counts(shares, n, expected):
+    assert shares_to_counts(shares, n) == expected
+
+
+def test_mixed_sampler_gives_the_source_that_hits_a_larger_share():
+    vectors, titles, truth = _pool()
+    labels = {int(i): True for i in np.flatnonzero(truth)[:3]}
+    labels.update({int(i): False for i in np.flatnonzero(~truth)[:3]})
+    mixer = MixedSampler()
+    for round_ in range(3):
+        picked = mixer.suggest(vectors, titles, labels, 15, keywords=["plain"], seed=round_)
+        revealed = {int(row): bool(truth[row]) for row in picked}
+        mixer.update(revealed)
+        labels.update(revealed)
+    # knn finds the positives' cluster; "plain" is the negatives' word: knn's share grows
+    assert mixer.positives["knn"] > mixer.positives["keyword"]
+    assert mixer.asked["knn"] > mixer.asked["keyword"] and mixer.asked["keyword"] >= 3
+    assert not mixer.proposed  # every proposal was credited
 
 
 def test_simulation_mixed_finds_more_positives_than_random_and_spends_the_budget():
