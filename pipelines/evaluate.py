@@ -38,8 +38,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -62,7 +60,12 @@ from pipelines.config import Config, EvaluateConfig, TaskSpec
 from pipelines.delta import EmbeddingTable
 from pipelines.embed import default_model_uri
 from pipelines.errors import ProdvecError
-from pipelines.index import diverse_queries, exact_neighbours, mean_average_recall
+from pipelines.index import (
+    diverse_queries,
+    exact_neighbours,
+    list_vectors,
+    mean_average_recall,
+)
 from pipelines.loader import make_loader
 from pipelines.shard import binary_label, check_sources, load_manifest, raw_label, shard_sets
 from pipelines.stages import StageResult
@@ -99,18 +102,6 @@ def hash_sample(frame: DataFrame, rows: int, seed: int) -> DataFrame:
     return frame.orderBy(F.xxhash64(F.col("product_id"), F.lit(seed))).limit(rows)
 
 
-def vectors_of(column: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
-    """A list<float> column as an [n, d] float32 matrix from its flat buffer."""
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    if len(lengths) and (lengths.min() != lengths.max()):
-        raise EvaluateError(f"{where}: embeddings of different lengths "
-                            f"({lengths.min()} and {lengths.max()}) in one version")
-    dims = int(lengths[0]) if len(lengths) else 0
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return flat.reshape(len(lengths), dims)
-
-
 def probe_label(task: TaskSpec) -> F.Column:
     """The probe's raw label as a string (binary probes: 'true'/'false'), null when absent."""
     raw = raw_label(task)
@@ -140,7 +131,7 @@ def collect_sample(spark: SparkSession, config: Config, version: int) -> tuple[S
         top_category=table["top_category"].to_numpy(),
         leaf_category=table["leaf_category"].to_numpy(),
         labels={task.name: table[f"probe_{task.name}"].to_numpy() for task in settings.probes},
-        vectors=vectors_of(table["embedding"], f"table version {version}"),
+        vectors=list_vectors(table["embedding"], f"table version {version}"),
     )
     return sample, missing
 
@@ -541,8 +532,8 @@ def table_drift(spark: SparkSession, table: EmbeddingTable, old_version: int,
         return report
     joined = hash_sample(old.join(new, "product_id"), max_rows, seed).toArrow()
     where = f"{table.uri} versions {old_version}/{new_version}"
-    report.update(embedding_drift(vectors_of(joined["old"], where),
-                                  vectors_of(joined["new"], where), k))
+    report.update(embedding_drift(list_vectors(joined["old"], where),
+                                  list_vectors(joined["new"], where), k))
     return report
 
 

@@ -301,17 +301,27 @@ def iter_embeddings(files: Sequence[str],
                 yield batch.column(0), _vectors(batch.column(1), uri)
 
 
-def _vectors(column: pa.Array, where: str) -> np.ndarray:
-    """The list column as [rows, dims] from its flat values buffer (no per-row Python)."""
+def list_vectors(column: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
+    """A list<float> column as a [rows, dims] float32 matrix from its flat values buffer (no
+    per-row Python); null or ragged embeddings are errors naming `where`."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
     if column.null_count:
         raise VectorIndexError(f"{where}: {column.null_count} null embeddings")
+    if len(column) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
     flat = column.flatten()  # respects the slice offset of the batch
     dims, rest = divmod(len(flat), len(column))
     lengths = pc.list_value_length(column)
     if rest or pc.min_max(lengths).as_py() != {"min": dims, "max": dims}:
-        raise VectorIndexError(f"{where}: embeddings of different lengths in one file")
+        raise VectorIndexError(f"{where}: embeddings of different lengths")
     vectors = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return normalised(vectors.reshape(len(column), dims), f"embeddings in {where}")
+    return vectors.reshape(len(column), dims)
+
+
+def _vectors(column: pa.Array, where: str) -> np.ndarray:
+    """A batch's embeddings, normalised for cosine search."""
+    return normalised(list_vectors(column, where), f"embeddings in {where}")
 
 
 def _new_index(kind: Kind, dims: int, rows: int, settings: IndexConfig) -> tuple[faiss.Index,
