@@ -7,7 +7,9 @@ moved since the previous version.
    with `trained_on`), k-fold cross-validated, plus a small-training-set variant
    (`small_train_rows` labels per fold), where dense vectors should win. The paper's
    relative difference (emb - tfidf) / tfidf is reported per model and metric. TF-IDF is
-   fitted inside each fold, so the baseline never sees its test titles.
+   fitted inside each fold, so the baseline never sees its test titles. Every (probe,
+   setting, model, features, fold) is an independent fit, run as one Spark task each over
+   a single broadcast of the sample and folds, so a cluster spreads them over executors.
 2. Reports of the trained heads on the shards' test split: top-k accuracy and macro-F1 from
    `pipelines.training.TaskMetrics` (the numbers validation computes during training).
 3. Retrieval: eProduct's MAR@k (`pipelines.index.mean_average_recall`) with the leaf
