@@ -77,6 +77,31 @@ class TaskHead:
         )
 
 
+def check_task_names(tasks: Sequence[TaskHead]) -> None:
+    """Task names key the heads (an nn.ModuleDict): present, unique, and no Module attribute."""
+    names = [task.name for task in tasks]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"task names must be present and unique: {names}")
+    reserved = [name for name in names if hasattr(nn.ModuleDict(), name)]
+    if reserved:
+        raise ValueError(f"task names {reserved} clash with torch.nn.Module attributes")
+
+
+def word_embeddings(vocab_size: int, word_dim: int, pretrained: np.ndarray | Tensor | None,
+                    freeze: bool) -> nn.Embedding:
+    """The word-vector table, from the word2vec vectors when given, frozen or fine-tuned."""
+    words = nn.Embedding(vocab_size, word_dim, padding_idx=PAD_ID)
+    if pretrained is not None:
+        vectors = torch.as_tensor(pretrained, dtype=torch.float32)
+        if vectors.shape != (vocab_size, word_dim):
+            raise ValueError(f"pretrained vectors are {tuple(vectors.shape)}, expected "
+                             f"{(vocab_size, word_dim)}")
+        with torch.no_grad():
+            words.weight.copy_(vectors)
+    words.weight.requires_grad_(not freeze)
+    return words
+
+
 class MRNet(nn.Module):
     """Word vectors -> BiLSTM -> product embedding [B, embedding_size] -> one head per task.
 
@@ -98,25 +123,10 @@ class MRNet(nn.Module):
             raise ValueError(
                 f"embedding_size must be even (two LSTM directions), not {embedding_size}"
             )
-        names = [task.name for task in tasks]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"task names must be present and unique: {names}")
-        reserved = [name for name in names if hasattr(nn.ModuleDict(), name)]
-        if reserved:
-            raise ValueError(f"task names {reserved} clash with torch.nn.Module attributes")
+        check_task_names(tasks)
         self.tasks = tuple(tasks)
         self.embedding_size = embedding_size
-        self.words = nn.Embedding(vocab_size, word_dim, padding_idx=PAD_ID)
-        if pretrained is not None:
-            vectors = torch.as_tensor(pretrained, dtype=torch.float32)
-            expected = (vocab_size, word_dim)
-            if vectors.shape != expected:
-                raise ValueError(
-                    f"pretrained vectors are {tuple(vectors.shape)}, expected {expected}"
-                )
-            with torch.no_grad():
-                self.words.weight.copy_(vectors)
-        self.words.weight.requires_grad_(not freeze_embeddings)
+        self.words = word_embeddings(vocab_size, word_dim, pretrained, freeze_embeddings)
         self.lstm = nn.LSTM(word_dim, embedding_size // 2, batch_first=True, bidirectional=True)
         self.heads = nn.ModuleDict(
             {task.name: nn.Linear(embedding_size, task.num_outputs) for task in tasks}

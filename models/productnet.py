@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.mrnet import _SCALAR_KINDS, PAD_ID, TaskHead
+from models.mrnet import _SCALAR_KINDS, PAD_ID, TaskHead, check_task_names, word_embeddings
 
 # Which encoder reads which text field (the paper's choice per field).
 FIELD_ENCODERS = {"title": "attention_lstm", "description": "dpcnn", "bullets": "dpcnn",
@@ -147,25 +147,12 @@ class ProductNet(nn.Module):
         unknown = sorted(set(fields) - set(FIELD_ENCODERS))
         if not fields or unknown:
             raise ValueError(f"fields must be some of {sorted(FIELD_ENCODERS)}, got {list(fields)}")
-        names = [task.name for task in tasks]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"task names must be present and unique: {names}")
-        reserved = [name for name in names if hasattr(nn.ModuleDict(), name)]
-        if reserved:
-            raise ValueError(f"task names {reserved} clash with torch.nn.Module attributes")
+        check_task_names(tasks)
         self.tasks = tuple(tasks)
         self.fields = tuple((name, int(length)) for name, length in fields.items())
         self.image_dim = image_dim
         self.embedding_size = embedding_size
-        self.words = nn.Embedding(vocab_size, word_dim, padding_idx=PAD_ID)
-        if pretrained is not None:
-            vectors = torch.as_tensor(pretrained, dtype=torch.float32)
-            if vectors.shape != (vocab_size, word_dim):
-                raise ValueError(f"pretrained vectors are {tuple(vectors.shape)}, expected "
-                                 f"{(vocab_size, word_dim)}")
-            with torch.no_grad():
-                self.words.weight.copy_(vectors)
-        self.words.weight.requires_grad_(not freeze_embeddings)
+        self.words = word_embeddings(vocab_size, word_dim, pretrained, freeze_embeddings)
         encoders: dict[str, nn.Module] = {}
         for name, length in self.fields:
             kind = FIELD_ENCODERS[name]

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from mlflow import MlflowClient
-from pyspark import SparkFiles, StorageLevel, TaskContext
+from pyspark import SparkFiles, StorageLevel
 from pyspark.accumulators import Accumulator
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -54,6 +54,7 @@ from models.encoders import GroupEncoder, ProductNetEncoder, TitleEncoder, pack_
 from pipelines import clean, faults
 from pipelines.config import CatalogConfig, ColumnMap, Config
 from pipelines.delta import EmbeddingTable
+from pipelines.devices import task_device
 from pipelines.errors import ProdvecError
 from pipelines.stages import StageResult
 from pipelines.tokenizer import VOCABULARY_FILE, Vocabulary, tokenize_arrow
@@ -194,15 +195,6 @@ def _replace(spec: ModelSpec, **changes: Any) -> ModelSpec:
 _MODELS: dict[tuple[str, str], tuple[nn.Module, Vocabulary]] = {}
 
 
-def _task_device() -> torch.device:
-    """The GPU Spark assigned to this task, else the CPU."""
-    context = TaskContext.get()
-    gpus = context.resources().get("gpu") if context is not None else None
-    if gpus is not None and gpus.addresses and torch.cuda.is_available():
-        return torch.device(f"cuda:{gpus.addresses[0]}")
-    return torch.device("cpu")
-
-
 def _cached_model(spec: ModelSpec, device: torch.device) -> tuple[nn.Module, Vocabulary, bool]:
     """The worker's model and vocabulary, loaded on first use; True when this call loaded."""
     key = (spec.folder, str(device))
@@ -286,7 +278,7 @@ def _vectors(embeddings: np.ndarray, rows: int) -> pa.ListArray:
 
 def _embed_batches(batches: Iterator[pa.RecordBatch], spec: ModelSpec, carry: list[str],
                    loads: Accumulator[int]) -> Iterator[pa.RecordBatch]:
-    device = _task_device()
+    device = task_device()
     if device.type == "cpu":
         torch.set_num_threads(1)  # Spark runs one task per core: threads would oversubscribe
     size = spec.batch_size if device.type == "cpu" else spec.gpu_batch_size

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 from PIL import Image
-from pyspark import SparkFiles, StorageLevel, TaskContext
+from pyspark import SparkFiles, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -62,7 +62,9 @@ from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX
 
 from pipelines import clean, faults
 from pipelines.config import Config, ImageFeaturesConfig
+from pipelines.devices import task_device
 from pipelines.errors import CatalogError, ConfigError, ProdvecError
+from pipelines.outputs import publish_folder
 from pipelines.stages import StageResult
 
 log = logging.getLogger(__name__)
@@ -240,15 +242,6 @@ def probe_dims(spec: BackboneSpec) -> int:
 _BACKBONES: dict[tuple[str, str], nn.Module] = {}
 
 
-def _task_device() -> torch.device:
-    """The GPU Spark assigned to this task, else the CPU (as embed)."""
-    context = TaskContext.get()
-    gpus = context.resources().get("gpu") if context is not None else None
-    if gpus is not None and gpus.addresses and torch.cuda.is_available():
-        return torch.device(f"cuda:{gpus.addresses[0]}")
-    return torch.device("cpu")
-
-
 def _cached_backbone(spec: BackboneSpec, device: torch.device) -> nn.Module:
     key = (spec.weights, str(device))
     if key not in _BACKBONES:
@@ -339,7 +332,7 @@ def _features_column(features: np.ndarray, statuses: list[str]) -> pa.ListArray:
 
 def _feature_batches(batches: Iterator[pa.RecordBatch], spec: BackboneSpec,
                      columns: list[str]) -> Iterator[pa.RecordBatch]:
-    device = _task_device()
+    device = task_device()
     if device.type == "cpu":
         torch.set_num_threads(1)  # Spark runs one task per core: threads would oversubscribe
     size = spec.batch_size if device.type == "cpu" else spec.gpu_batch_size
@@ -392,15 +385,6 @@ def _ship(spark: SparkSession, spec: BackboneSpec) -> BackboneSpec:
     return BackboneSpec(**{**spec.__dict__, "weights": _SHIPPED + Path(spec.weights).name})
 
 
-def _publish(staging: Path, target: Path) -> None:
-    """Swap the finished catalog in; the old one is removed only after the swap."""
-    retired = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
-    if target.exists():
-        target.rename(retired)
-    staging.rename(target)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 def run(spark: SparkSession, config: Config) -> StageResult:
     """Features for every clean product's image into a copy of the clean catalog."""
     settings = config.image_features
@@ -426,7 +410,7 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         (staging / clean.FEATURED_STAMP).write_text(json.dumps(
             {"clean_files": clean.clean_files_stamp(clean_path), "dims": dims,
              "weights": spec.weights, "format": spec.format}))
-        _publish(staging, out_dir / "catalog")
+        publish_folder(staging, out_dir / "catalog")
     finally:
         featured.unpersist()
         shutil.rmtree(staging, ignore_errors=True)  # left only when the stage failed

@@ -47,6 +47,7 @@ from pyspark.sql import functions as F
 from pipelines.clean import CLEAN_SCHEMA, read_clean
 from pipelines.config import Config, ShardConfig, TaskSpec
 from pipelines.errors import ProdvecError
+from pipelines.outputs import publish_folder
 from pipelines.stages import StageResult
 from pipelines.tokenizer import (
     OOV_ID,
@@ -533,15 +534,6 @@ def _image_dim(frame: DataFrame, config: Config) -> int | None:
     return sizes[0]["dim"] if sizes else None
 
 
-def _publish(staging: Path, target: Path) -> None:
-    """Swap the finished shard set in; the old one is removed only after the swap."""
-    retired = target.with_name(f".{target.name}-old-{uuid.uuid4().hex[:8]}")
-    if target.exists():
-        target.rename(retired)
-    staging.rename(target)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 def _split_counts(frame: DataFrame) -> dict[str, dict[str, int]]:
     """group -> split -> rows."""
     counts: dict[str, dict[str, int]] = {}
@@ -613,7 +605,7 @@ def run(spark: SparkSession, config: Config) -> StageResult:
                                 for name in groups},
                      "skipped_groups": skipped}
             (staging / MANIFEST).write_text(json.dumps(index, indent=1))
-        _publish(staging, out)
+        publish_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shared.destroy()
