@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.encoders import TitleEncoder
 from models.mrnet import MRNet, TaskHead
 from pipelines.config import SparkConfig
-from pipelines.embed import embed_arrays, embed_frame, prepare_model
+from pipelines.devices import infer
+from pipelines.embed import embed_frame, prepare_model
 from pipelines.spark import get_spark
 from pipelines.tokenizer import Vocabulary, tokenize_arrow
 from pipelines.train import log_and_register
@@ -139,8 +140,8 @@ def main() -> None:
             writer = None
             for batch in ds.dataset(source).to_batches(batch_size=10_000):
                 ids = vocabulary.encode(tokenize_arrow(batch.column("title")), spec.max_len)
-                vectors = embed_arrays(module, ids.astype(np.int64), spec.batch_size,
-                                       torch.device("cpu"))
+                vectors = infer(module, ids.astype(np.int64), spec.batch_size,
+                                torch.device("cpu"))
                 values = pa.array(vectors.reshape(-1))
                 offsets = pa.array(np.arange(len(vectors) + 1, dtype=np.int32) * spec.dimension)
                 out = pa.table({"product_id": batch.column("product_id"),

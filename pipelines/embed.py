@@ -54,7 +54,7 @@ from models.encoders import GroupEncoder, ProductNetEncoder, TitleEncoder, pack_
 from pipelines import clean, faults
 from pipelines.config import CatalogConfig, ColumnMap, Config
 from pipelines.delta import EmbeddingTable
-from pipelines.devices import task_device
+from pipelines.devices import infer, task_inference
 from pipelines.errors import ProdvecError
 from pipelines.stages import StageResult
 from pipelines.tokenizer import VOCABULARY_FILE, Vocabulary, tokenize_arrow
@@ -255,19 +255,6 @@ def input_columns(spec: ModelSpec) -> list[str]:
     return ["title", *(["product_group"] if spec.kind == "group_title" else [])]
 
 
-def embed_arrays(module: nn.Module, inputs: np.ndarray, batch_size: int,
-                 device: torch.device) -> np.ndarray:
-    """float32 [rows, d] in `batch_size` chunks; no autograd state is kept."""
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, len(inputs), batch_size):
-            chunk = torch.from_numpy(inputs[start:start + batch_size]).to(device)
-            parts.append(module(chunk).float().cpu().numpy())
-    if not parts:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(parts)
-
-
 def _vectors(embeddings: np.ndarray, rows: int) -> pa.ListArray:
     """list<float32> over the flat buffer: offsets and values, no per-row Python."""
     width = embeddings.shape[1] if rows else 0
@@ -278,17 +265,14 @@ def _vectors(embeddings: np.ndarray, rows: int) -> pa.ListArray:
 
 def _embed_batches(batches: Iterator[pa.RecordBatch], spec: ModelSpec, carry: list[str],
                    loads: Accumulator[int]) -> Iterator[pa.RecordBatch]:
-    device = task_device()
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # Spark runs one task per core: threads would oversubscribe
-    size = spec.batch_size if device.type == "cpu" else spec.gpu_batch_size
+    device, size = task_inference(spec.batch_size, spec.gpu_batch_size)
 
     def embed(batch: pa.RecordBatch) -> pa.RecordBatch:
         # Loaded inside the batch step, so a model copy the executor cannot read is reported
         # with the batch; after the first batch this is a dict lookup.
         module, vocabulary, loaded = _cached_model(spec, device)
         loads.add(int(loaded))
-        embeddings = embed_arrays(module, _model_inputs(spec, batch, vocabulary), size, device)
+        embeddings = infer(module, _model_inputs(spec, batch, vocabulary), size, device)
         return pa.RecordBatch.from_arrays(
             [*(batch.column(name) for name in carry), _vectors(embeddings, batch.num_rows)],
             names=[*carry, EMBEDDING.name])

@@ -62,7 +62,7 @@ from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX
 
 from pipelines import clean, faults
 from pipelines.config import Config, ImageFeaturesConfig
-from pipelines.devices import task_device
+from pipelines.devices import infer, task_inference
 from pipelines.errors import CatalogError, ConfigError, ProdvecError
 from pipelines.outputs import publish_folder
 from pipelines.stages import StageResult
@@ -309,17 +309,6 @@ def load_images(locations: list[str | None], spec: BackboneSpec
     return (np.stack(images) if images else empty), statuses
 
 
-def run_backbone(module: nn.Module, images: np.ndarray, batch_size: int,
-                 device: torch.device) -> np.ndarray:
-    """float32 [images, d] in `batch_size` chunks, flattened after the batch dimension."""
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            chunk = torch.from_numpy(images[start:start + batch_size]).to(device)
-            parts.append(module(chunk).flatten(1).float().cpu().numpy())
-    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
-
-
 def _features_column(features: np.ndarray, statuses: list[str]) -> pa.ListArray:
     """list<float32> with a null for every row without an image, from the flat buffer."""
     present = np.asarray([status == "ok" for status in statuses], dtype=bool)
@@ -332,15 +321,12 @@ def _features_column(features: np.ndarray, statuses: list[str]) -> pa.ListArray:
 
 def _feature_batches(batches: Iterator[pa.RecordBatch], spec: BackboneSpec,
                      columns: list[str]) -> Iterator[pa.RecordBatch]:
-    device = task_device()
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # Spark runs one task per core: threads would oversubscribe
-    size = spec.batch_size if device.type == "cpu" else spec.gpu_batch_size
+    device, size = task_inference(spec.batch_size, spec.gpu_batch_size)
 
     def featurise(batch: pa.RecordBatch) -> pa.RecordBatch:
         module = _cached_backbone(spec, device)  # a dict lookup after the first batch
         images, statuses = load_images(batch.column(_PATH).to_pylist(), spec)
-        features = _features_column(run_backbone(module, images, size, device), statuses)
+        features = _features_column(infer(module, images, size, device), statuses)
         out = [features if name == "image_features" else batch.column(name)
                for name in columns]
         return pa.RecordBatch.from_arrays([*out, pa.array(statuses, pa.string())],
