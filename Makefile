@@ -4,9 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 RUFF := $(VENV)/bin/ruff
+SOURCES := pipelines models jobs tests bench deploy/airflow
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test lint format bench clean-work java dist
+.PHONY: install run test test-fast lint format bench clean-work java dist
 
 install: $(STAMP)
 
@@ -31,11 +32,19 @@ run: install
 test: install
 	$(PY) -m pytest
 
+# Everything but the shared-data, spark-submit, cluster and end-to-end tests: the tier to run
+# while working (under 2 minutes on 2 cores).
+test-fast: install
+	$(PY) -m pytest -m "not (shared_data or spark_submit or cluster or slow)"
+
+# ruff (lint and format) over everything; mypy over the library and the models (setup.cfg).
 lint: install
-	$(RUFF) check --line-length 100 pipelines models jobs tests bench
+	$(RUFF) check --line-length 100 $(SOURCES)
+	$(RUFF) format --check --line-length 100 $(SOURCES)
+	$(VENV)/bin/mypy
 
 format: install
-	$(RUFF) format --line-length 100 pipelines models jobs tests bench
+	$(RUFF) format --line-length 100 $(SOURCES)
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -6,11 +6,11 @@ canonical catalog, compared with what I would write myself in pandas?". So one r
 1. generates the synthetic catalog (1M rows, 3 % dirty, fixed seed) once and writes it as
    CSV under work/bench-clean/ (not timed; reused when already there);
 2. starts a local[*] Spark session (not timed: start-up is once per process, not part of
-   the stage), then times `pipelines.clean.run` end to end as a user runs it: reading the
+   the stage), then times `pipelines.stages.clean.run` end to end as a user runs it: reading the
    CSV, every rule, and writing the clean catalog and the quarantine as Parquet;
 3. times `pandas_clean` below, the same rules written as a competent pandas user would:
    `read_csv(dtype=str)`, vectorised `.str` methods with the very regexes of
-   `pipelines.text`, `pipelines.text._fold_python` for the Unicode repair on the rows that
+   `pipelines.data.text`, `pipelines.data.text.fold_string` for the Unicode repair on the rows that
    need it (as the stage does), `duplicated` for exact duplicates, one pass over the
    product ids for id conflicts, the quarantine reasons in the same priority order,
    hashlib sha256 for the content hash (over the same JSON the stage hashes), and pyarrow
@@ -49,17 +49,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import clean, text
-from pipelines.config import Config, load_config
-from pipelines.spark import get_spark
-from pipelines.synthetic import generate_catalog, write_catalog
+from pipelines.core.config import Config, load_config
+from pipelines.core.spark import get_spark
+from pipelines.data import text
+from pipelines.data.catalog import CLEAN_SCHEMA, quarantine_counts
+from pipelines.data.synthetic import generate_catalog, write_catalog
+from pipelines.stages import clean
 
 WORKDIR = Path("work/bench-clean")
 SEED, DIRTY_FRACTION = 7, 0.03
 
 
 # ---------------------------------------------------------------------------
-# The rules of pipelines.text, as Python regexes (the stage's Java ones, translated)
+# The rules of pipelines.data.text, as Python regexes (the stage's Java ones, translated)
 # ---------------------------------------------------------------------------
 
 
@@ -100,7 +102,7 @@ CLEAN_ARROW = pa.schema(
         pa.field("source", pa.string(), False),
     ]
 )
-assert CLEAN_ARROW.names == clean.CLEAN_SCHEMA.names
+assert CLEAN_ARROW.names == CLEAN_SCHEMA.names
 
 
 def fold_text(values: pd.Series) -> pd.Series:
@@ -108,7 +110,7 @@ def fold_text(values: pd.Series) -> pd.Series:
     needs = values.str.contains(NEEDS_PYTHON, na=False).to_numpy()
     if needs.any():
         array = values.to_numpy(copy=True)
-        array[needs] = [text._fold_python(value) for value in array[needs]]
+        array[needs] = [text.fold_string(value) for value in array[needs]]
         values = pd.Series(array, index=values.index)
     return values.str.replace(SPACE_RUN, " ", regex=True).str.strip(" ")
 
@@ -163,7 +165,7 @@ class Lists:
 
 def split_folded(values: pd.Series, separator: str) -> tuple[np.ndarray, pd.Series]:
     """text._split_folded: split on the raw separator, fold the pieces. A piece without
-    non-ASCII or '&' is returned as is by `_fold_python`, so testing each piece for "needs
+    non-ASCII or '&' is returned as is by `fold_string`, so testing each piece for "needs
     Python" gives what testing the whole row gives. Returns (row number, piece)."""
     pieces = values.dropna().str.split(separator, regex=False).explode()
     rows = pieces.index.to_numpy()
@@ -493,7 +495,7 @@ def main() -> None:
 
     pandas_out = WORKDIR / "pandas"
     shutil.rmtree(pandas_out, ignore_errors=True)
-    text._fold_python.cache_clear()  # no head start from anything run in this process
+    text.fold_string.cache_clear()  # no head start from anything run in this process
     started, cpu = time.perf_counter(), cpu_seconds()
     theirs = pandas_clean(csv, pandas_out, config)
     pandas_seconds, pandas_cpu = time.perf_counter() - started, cpu_seconds() - cpu
@@ -501,7 +503,7 @@ def main() -> None:
     load = os.getloadavg()
 
     # Agreement (not timed): outcome counts, reasons, and the written clean catalogs.
-    reasons = clean.quarantine_counts(spark, config)
+    reasons = quarantine_counts(spark, config)
     spark.stop()
     for key in ("in", "clean", "quarantined", "exact_duplicates"):
         print(f"  {key:<22} stage {ours[key]:>9,}  pandas {theirs[key]:>9,}")

@@ -5,7 +5,7 @@
 Over the same Parquet catalog (synthetic titles, 4-12 words from a 5,000-word vocabulary),
 on local[2], each variant writes the same output shape (product_id, content_hash,
 embedding array<float>) to Parquet:
-- ours:   `pipelines.embed.embed_frame` (mapInArrow, model cached per Python worker,
+- ours:   `pipelines.stages.embed.embed_frame` (mapInArrow, model cached per Python worker,
           one torch thread per task) + a Parquet write;
 - floor:  Spark read + write with no model (the embedding a constant array built by Spark
           SQL): the I/O floor no inference path can beat;
@@ -44,12 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.encoders import TitleEncoder
 from models.mrnet import MRNet, TaskHead
-from pipelines.config import SparkConfig
-from pipelines.devices import infer
-from pipelines.embed import embed_frame, prepare_model
-from pipelines.spark import get_spark
-from pipelines.tokenizer import Vocabulary, tokenize_arrow
-from pipelines.train import log_and_register
+from pipelines.core.config import SparkConfig
+from pipelines.core.devices import infer
+from pipelines.core.spark import get_spark
+from pipelines.data.tokenizer import Vocabulary, tokenize_arrow
+from pipelines.stages.embed import embed_frame, prepare_model
+from pipelines.training.publish import log_and_register
 
 WORDS = 5_000
 MAX_LEN = 16
@@ -63,10 +63,15 @@ def make_catalog(rows: int, out: Path, files: int = 8) -> list[str]:
     picks = np.minimum(rng.zipf(1.3, lengths.sum()) - 1, WORDS - 1)
     tokens = words[picks]
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    titles = [" ".join(tokens[bounds[i]:bounds[i + 1]]) for i in range(rows)]
+    titles = [" ".join(tokens[bounds[i] : bounds[i + 1]]) for i in range(rows)]
     out.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"product_id": [f"p{i:09d}" for i in range(rows)],
-                      "content_hash": [f"h{i:x}" for i in range(rows)], "title": titles})
+    table = pa.table(
+        {
+            "product_id": [f"p{i:09d}" for i in range(rows)],
+            "content_hash": [f"h{i:x}" for i in range(rows)],
+            "title": titles,
+        }
+    )
     step = -(-rows // files)
     for part in range(files):
         pq.write_table(table.slice(part * step, step), out / f"part-{part}.parquet")
@@ -83,15 +88,22 @@ def register(work: Path, titles: list[str], embedding_size: int) -> str:
     (export / "tokenizer.json").write_text(f'{{"max_len": {MAX_LEN}}}')
     (export / "labels.json").write_text("{}")
     torch.manual_seed(0)
-    model = MRNet(len(vocabulary) + 2, embedding_size, [TaskHead("flag", "binary", 1)],
-                  embedding_size=embedding_size)
+    model = MRNet(
+        len(vocabulary) + 2,
+        embedding_size,
+        [TaskHead("flag", "binary", 1, scalar=True)],
+        embedding_size=embedding_size,
+    )
     example = np.zeros((2, MAX_LEN), dtype=np.int64)
     example[:, 0] = 2
     with mlflow.start_run():
-        _, version = log_and_register(TitleEncoder(model), example, "bench-embed",
-                                  [str(export / n) for n in ("vocabulary.parquet",
-                                                             "tokenizer.json", "labels.json")],
-                                  {})
+        _, version = log_and_register(
+            TitleEncoder(model),
+            example,
+            "bench-embed",
+            [str(export / n) for n in ("vocabulary.parquet", "tokenizer.json", "labels.json")],
+            {},
+        )
     return f"models:/bench-embed/{version}"
 
 
@@ -99,8 +111,9 @@ def timed(name: str, rows: int, action) -> float:
     started = time.perf_counter()
     action()
     seconds = time.perf_counter() - started
-    print(f"{name:<8} {rows:>10,} rows  {seconds:7.1f} s  {rows / seconds:>10,.0f} rows/s",
-          flush=True)
+    print(
+        f"{name:<8} {rows:>10,} rows  {seconds:7.1f} s  {rows / seconds:>10,.0f} rows/s", flush=True
+    )
     return rows / seconds
 
 
@@ -115,10 +128,12 @@ def main() -> None:
         titles = make_catalog(args.rows, source)
         spec = prepare_model(register(work, titles, args.embedding_size), work / "models")
         del titles
-        spark = get_spark(SparkConfig(master="local[2]", shuffle_partitions=4,
-                                      driver_memory="2g"))
-        print(f"{args.rows:,} products, MRNet {spec.dimension}-d, title ids {spec.max_len}, "
-              f"local[2], torch {torch.__version__}, {os.cpu_count()} cores", flush=True)
+        spark = get_spark(SparkConfig(master="local[2]", shuffle_partitions=4, driver_memory="2g"))
+        print(
+            f"{args.rows:,} products, MRNet {spec.dimension}-d, title ids {spec.max_len}, "
+            f"local[2], torch {torch.__version__}, {os.cpu_count()} cores",
+            flush=True,
+        )
 
         def catalog():
             return spark.read.parquet(str(source))
@@ -129,8 +144,12 @@ def main() -> None:
 
         def floor() -> None:
             zeros = F.array_repeat(F.lit(0.0).cast("float"), spec.dimension)
-            (catalog().select("product_id", "content_hash", zeros.alias("embedding"))
-             .write.mode("overwrite").parquet(str(work / "out-floor")))
+            (
+                catalog()
+                .select("product_id", "content_hash", zeros.alias("embedding"))
+                .write.mode("overwrite")
+                .parquet(str(work / "out-floor"))
+            )
 
         def python() -> None:
             module = mlflow.pytorch.load_model(spec.folder).eval()
@@ -140,13 +159,16 @@ def main() -> None:
             writer = None
             for batch in ds.dataset(source).to_batches(batch_size=10_000):
                 ids = vocabulary.encode(tokenize_arrow(batch.column("title")), spec.max_len)
-                vectors = infer(module, ids.astype(np.int64), spec.batch_size,
-                                torch.device("cpu"))
+                vectors = infer(module, ids.astype(np.int64), spec.batch_size, torch.device("cpu"))
                 values = pa.array(vectors.reshape(-1))
                 offsets = pa.array(np.arange(len(vectors) + 1, dtype=np.int32) * spec.dimension)
-                out = pa.table({"product_id": batch.column("product_id"),
-                                "content_hash": batch.column("content_hash"),
-                                "embedding": pa.ListArray.from_arrays(offsets, values)})
+                out = pa.table(
+                    {
+                        "product_id": batch.column("product_id"),
+                        "content_hash": batch.column("content_hash"),
+                        "embedding": pa.ListArray.from_arrays(offsets, values),
+                    }
+                )
                 writer = writer or pq.ParquetWriter(work / "out-python.parquet", out.schema)
                 writer.write_table(out)
             writer.close()
@@ -159,28 +181,46 @@ def main() -> None:
                 ids = vocabulary.encode(tokenize_arrow(list(texts)), spec.max_len)
                 with torch.inference_mode():
                     return module(torch.from_numpy(ids.astype(np.int64))).numpy()
+
             return predict
 
         def pandas() -> None:
-            udf = predict_batch_udf(make_predict_fn, return_type=T.ArrayType(T.FloatType()),
-                                    batch_size=spec.batch_size)
-            (catalog().select("product_id", "content_hash", udf("title").alias("embedding"))
-             .write.mode("overwrite").parquet(str(work / "out-pandas")))
+            udf = predict_batch_udf(
+                make_predict_fn, return_type=T.ArrayType(T.FloatType()), batch_size=spec.batch_size
+            )
+            (
+                catalog()
+                .select("product_id", "content_hash", udf("title").alias("embedding"))
+                .write.mode("overwrite")
+                .parquet(str(work / "out-pandas"))
+            )
 
         timed("warm-up", args.rows, floor)  # JVM JIT, file cache
         # Python workers start once per executor: imports (torch, mlflow through
-        # pipelines.train) and the model load. A 1% sample in every task pays that here, so
+        # pipelines.stages.train) and the model load. A 1% sample in every task pays that here, so
         # the variants below compare steady-state rates; this line is the fixed start-up.
         started = time.perf_counter()
         sample, loads = embed_frame(catalog().where(F.rand(0) < 0.01), spec)
         sample.write.mode("overwrite").parquet(str(work / "out-start"))
-        print(f"start-up {time.perf_counter() - started:.1f} s for {loads.value} worker "
-              "model load(s) (1% sample)", flush=True)
-        rates = {name: timed(name, args.rows, action) for name, action in
-                 (("floor", floor), ("ours", ours), ("python", python), ("pandas", pandas))}
-        print(f"ours/floor {rates['ours'] / rates['floor']:.2f}, ours/python "
-              f"{rates['ours'] / rates['python']:.2f}, pandas/floor "
-              f"{rates['pandas'] / rates['floor']:.2f}")
+        print(
+            f"start-up {time.perf_counter() - started:.1f} s for {loads.value} worker "
+            "model load(s) (1% sample)",
+            flush=True,
+        )
+        rates = {
+            name: timed(name, args.rows, action)
+            for name, action in (
+                ("floor", floor),
+                ("ours", ours),
+                ("python", python),
+                ("pandas", pandas),
+            )
+        }
+        print(
+            f"ours/floor {rates['ours'] / rates['floor']:.2f}, ours/python "
+            f"{rates['ours'] / rates['python']:.2f}, pandas/floor "
+            f"{rates['pandas'] / rates['floor']:.2f}"
+        )
         print(f"RESULT embed ratio={rates['ours'] / rates['floor']:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

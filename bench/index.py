@@ -7,7 +7,7 @@ The same work for both: index the same `rows` clustered vectors (random centres 
 isotropic) for cosine search, then answer the same `queries` held-out vectors (drawn the
 same way, not in the index) with top-10 lists whose MAR@10 against exact search is at
 least 0.9.
-- ours: `pipelines.index.build_index` with the stage's defaults over a Delta table of the
+- ours: `pipelines.table.index.build_index` with the stage's defaults over a Delta table of the
   vectors (streams its Parquet files, picks the kind by size: HNSW at 200k, tunes efSearch
   at build time to its own target recall on table rows, saves index + ids + meta), then
   `load_index` and one batched search of the queries with the saved efSearch;
@@ -36,15 +36,14 @@ from deltalake import write_deltalake
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.config import IndexConfig
-from pipelines.delta import TABLE_SCHEMA, EmbeddingTable
-from pipelines.index import (
-    build_index,
+from pipelines.analysis.retrieval import (
     exact_neighbours,
-    load_index,
     mean_average_recall,
     normalised,
 )
+from pipelines.core.config import IndexConfig
+from pipelines.table import TABLE_SCHEMA, EmbeddingTable
+from pipelines.table.index import build_index, load_index
 
 TARGET = 0.9
 K = 10
@@ -56,8 +55,7 @@ def clustered(rows: int, queries: int, dims: int, seed: int) -> tuple[np.ndarray
     projection = rng.normal(size=(32, dims)) / np.sqrt(32)
 
     def draw(n: int) -> np.ndarray:
-        latent = latent_centres[rng.integers(0, len(latent_centres), n)] + rng.normal(
-            size=(n, 32))
+        latent = latent_centres[rng.integers(0, len(latent_centres), n)] + rng.normal(size=(n, 32))
         return (latent @ projection + 0.1 * rng.normal(size=(n, dims))).astype(np.float32)
 
     return draw(rows), draw(queries)
@@ -67,16 +65,21 @@ def write_table(path: Path, vectors: np.ndarray) -> EmbeddingTable:
     """The vectors as version 0 of an embedding table."""
     rows, dims = vectors.shape
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dims).cast(
-        TABLE_SCHEMA.field("embedding").type)
-    table = pa.table({
-        "product_id": pa.array([f"p{i:07d}" for i in range(rows)]),
-        "embedding": embedding,
-        "model_name": pa.array(["bench"] * rows),
-        "model_version": pa.array(["1"] * rows),
-        "content_hash": pa.array([str(i) for i in range(rows)]),
-        "embedded_at": pa.array(np.zeros(rows, dtype="datetime64[us]")).cast(
-            TABLE_SCHEMA.field("embedded_at").type),
-    }, schema=TABLE_SCHEMA)
+        TABLE_SCHEMA.field("embedding").type
+    )
+    table = pa.table(
+        {
+            "product_id": pa.array([f"p{i:07d}" for i in range(rows)]),
+            "embedding": embedding,
+            "model_name": pa.array(["bench"] * rows),
+            "model_version": pa.array(["1"] * rows),
+            "content_hash": pa.array([str(i) for i in range(rows)]),
+            "embedded_at": pa.array(np.zeros(rows, dtype="datetime64[us]")).cast(
+                TABLE_SCHEMA.field("embedded_at").type
+            ),
+        },
+        schema=TABLE_SCHEMA,
+    )
     write_deltalake(str(path), table)
     return EmbeddingTable(path)
 
@@ -104,9 +107,17 @@ def ours(table: EmbeddingTable, queries: np.ndarray) -> tuple[float, float, floa
     search, rows = timed_search(loaded.index, normalised(queries))
     ids = loaded.product_ids.to_numpy(zero_copy_only=False)
     positions = np.array([int(pid[1:]) for pid in ids])  # row in the generated array
-    return build, search, rows, {"kind": info.kind, **info.params,
-                                 "build_recall": round(info.recall_at_10, 4),
-                                 "positions": positions}
+    return (
+        build,
+        search,
+        rows,
+        {
+            "kind": info.kind,
+            **info.params,
+            "build_recall": round(info.recall_at_10, 4),
+            "positions": positions,
+        },
+    )
 
 
 def raw(vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> tuple:
@@ -132,8 +143,10 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=5_000)
     parser.add_argument("--dims", type=int, default=128)
     args = parser.parse_args()
-    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, "
-          f"{args.rows:,} x {args.dims} vectors, {args.queries:,} held-out queries")
+    print(
+        f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, "
+        f"{args.rows:,} x {args.dims} vectors, {args.queries:,} held-out queries"
+    )
     vectors, queries = clustered(args.rows, args.queries, args.dims, seed=0)
     _, truth = exact_neighbours(vectors, queries, K)
 
@@ -146,10 +159,14 @@ def main() -> None:
     raw_recall = recall(raw_rows, truth)
 
     our_qps, raw_qps = args.queries / our_search, args.queries / raw_search
-    print(f"ours: build {our_build:.1f} s, {our_qps:,.0f} queries/s, recall@10 "
-          f"{our_recall:.4f}  {detail}")
-    print(f"raw:  build {raw_build:.1f} s, {raw_qps:,.0f} queries/s, recall@10 "
-          f"{raw_recall:.4f}  (hnsw m=32, efConstruction=40, efSearch={raw_ef})")
+    print(
+        f"ours: build {our_build:.1f} s, {our_qps:,.0f} queries/s, recall@10 "
+        f"{our_recall:.4f}  {detail}"
+    )
+    print(
+        f"raw:  build {raw_build:.1f} s, {raw_qps:,.0f} queries/s, recall@10 "
+        f"{raw_recall:.4f}  (hnsw m=32, efConstruction=40, efSearch={raw_ef})"
+    )
     ratio = our_qps / raw_qps if our_recall >= TARGET and raw_recall >= TARGET else 0.0
     print(f"RESULT index ratio={ratio:.3f}")
 

@@ -38,9 +38,15 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import torch
 
-from pipelines.config import Config, load_config
-from pipelines.loader import Block, as_tensors, fields_of, make_loader, to_arrays
-from pipelines.shard import MANIFEST, load_manifest
+from pipelines.core.config import Config, load_config
+from pipelines.data.shards import MANIFEST, load_manifest
+from pipelines.training.loader import (
+    Block,
+    as_tensors,
+    fields_of,
+    make_loader,
+    to_arrays,
+)
 
 WORKDIR = Path("work/bench-loader")
 
@@ -48,14 +54,17 @@ WORKDIR = Path("work/bench-loader")
 def ensure_shards(config: Config, fresh: bool) -> Path:
     """The shard set for `config`, built through clean, corpus and shard unless a shard set
     with this config's hash is already there (--fresh rebuilds)."""
-    root = config.stage_dir("shard")
+    root = config.outputs.shards
     manifest = root / MANIFEST
-    if not fresh and manifest.is_file() \
-            and json.loads(manifest.read_text()).get("config_hash") == config.digest():
+    if (
+        not fresh
+        and manifest.is_file()
+        and json.loads(manifest.read_text()).get("config_hash") == config.digest()
+    ):
         print(f"reusing the shards in {root} (--fresh rebuilds them)")
         return root
-    from pipelines import clean, corpus, shard
-    from pipelines.spark import get_spark
+    from pipelines.core.spark import get_spark
+    from pipelines.stages import clean, corpus, shard
 
     spark = get_spark(config.spark)
     try:
@@ -84,20 +93,23 @@ def plain_batches(root: Path, batch_size: int, epochs: int) -> Iterator[dict[str
     manifest = load_manifest(root)
     fields = fields_of(manifest)
     columns = sorted({f.column for f in fields} | {f.values for f in fields if f.values})
-    dataset = ds.dataset([str(root / f["path"]) for f in manifest["files"]["train"]],
-                         format="parquet")
+    dataset = ds.dataset(
+        [str(root / f["path"]) for f in manifest["files"]["train"]], format="parquet"
+    )
     for _ in range(epochs):
         first = 0
         for record_batch in dataset.to_batches(columns=columns, batch_size=batch_size):
             n = record_batch.num_rows
-            block = Block(pa.Table.from_batches([record_batch]), fields,
-                          np.arange(first, first + n))
+            block = Block(
+                pa.Table.from_batches([record_batch]), fields, np.arange(first, first + n)
+            )
             yield as_tensors(to_arrays([block.take(np.arange(n), fields)], fields))
             first += n
 
 
-def our_batches(root: Path, batch_size: int, epochs: int, workers: int
-                ) -> Iterator[dict[str, torch.Tensor]]:
+def our_batches(
+    root: Path, batch_size: int, epochs: int, workers: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """The loader as a trainer uses it: shuffled, set_epoch before each epoch."""
     loader = make_loader(root, "train", batch_size, num_workers=workers, seed=0)
     for epoch in range(epochs):
@@ -112,8 +124,9 @@ def hf_batches(root: Path, batch_size: int, epochs: int) -> Iterator[dict[str, t
     manifest = load_manifest(root)
     fields = fields_of(manifest)
     files = [str(root / f["path"]) for f in manifest["files"]["train"]]
-    stream = load_dataset("parquet", data_files=files, split="train", streaming=True) \
-        .with_format("arrow")
+    stream = load_dataset("parquet", data_files=files, split="train", streaming=True).with_format(
+        "arrow"
+    )
     for epoch in range(epochs):
         stream.set_epoch(epoch)
         first = 0
@@ -142,15 +155,18 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    config = load_config(overrides=[f"workdir={WORKDIR}", f"catalog.synthetic.rows={args.rows}",
-                                    "word2vec.epochs=2"])
+    config = load_config(
+        overrides=[f"workdir={WORKDIR}", f"catalog.synthetic.rows={args.rows}", "word2vec.epochs=2"]
+    )
     root = ensure_shards(config, args.fresh)
     manifest = load_manifest(root)
     units = sum(len(f["row_groups"]) for f in manifest["files"]["train"])
-    print(f"train split: {manifest['splits']['train']:,} rows in "
-          f"{len(manifest['files']['train'])} file(s), {units} row groups; batch "
-          f"{args.batch_size}, {len(fields_of(manifest))} batch fields, {args.epochs} epochs "
-          f"per timing, {args.rounds} rounds")
+    print(
+        f"train split: {manifest['splits']['train']:,} rows in "
+        f"{len(manifest['files']['train'])} file(s), {units} row groups; batch "
+        f"{args.batch_size}, {len(fields_of(manifest))} batch fields, {args.epochs} epochs "
+        f"per timing, {args.rounds} rounds"
+    )
 
     size, epochs, step = args.batch_size, args.epochs, args.step_ms / 1000
     sides: dict[str, Callable[[], int]] = {
@@ -158,8 +174,9 @@ def main() -> None:
         "ours, 0 workers": lambda: consume(our_batches(root, size, epochs, 0), 0),
         "ours, 2 workers": lambda: consume(our_batches(root, size, epochs, 2), 0),
         f"plain + {args.step_ms} ms step": lambda: consume(plain_batches(root, size, epochs), step),
-        f"ours, 2 workers + {args.step_ms} ms step":
-            lambda: consume(our_batches(root, size, epochs, 2), step),
+        f"ours, 2 workers + {args.step_ms} ms step": lambda: consume(
+            our_batches(root, size, epochs, 2), step
+        ),
     }
     try:
         import datasets  # noqa: F401
@@ -171,8 +188,10 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name, run in sides.items():
             rates[name].append(timed(run))
-        print(f"round {round_ + 1} rows/s: "
-              + "; ".join(f"{name} {values[-1]:,.0f}" for name, values in rates.items()))
+        print(
+            f"round {round_ + 1} rows/s: "
+            + "; ".join(f"{name} {values[-1]:,.0f}" for name, values in rates.items())
+        )
     medians = {name: statistics.median(values) for name, values in rates.items()}
     print(f"{'reader (median of rounds)':<36} {'rows/s':>10} {'vs plain':>9}")
     for name, median in medians.items():

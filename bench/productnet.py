@@ -42,13 +42,14 @@ import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import SGDClassifier
 
-from pipelines import clean
-from pipelines.config import Config, load_config
-from pipelines.loader import make_loader
-from pipelines.shard import load_manifest
-from pipelines.spark import get_spark
-from pipelines.stages import run_stage
-from pipelines.train import load_trained, word_vectors
+from pipelines.core.config import Config, load_config
+from pipelines.core.spark import get_spark
+from pipelines.data.catalog import read_clean
+from pipelines.data.shards import load_manifest
+from pipelines.model_types.registry import model_type
+from pipelines.stages.registry import run_stage
+from pipelines.training.inputs import word_vectors
+from pipelines.training.loader import make_loader
 
 WORKDIR = Path("work/bench-productnet")
 TASK = "leaf"
@@ -57,25 +58,38 @@ DATA = Path(os.environ.get("PRODVEC_DATA", REPO.parent / "shared" / "data"))
 
 
 def configure(catalog: str, epochs: int, extra: list[str]) -> Config:
-    return load_config([catalog], overrides=[
-        f"workdir={WORKDIR}", "spark.shuffle_partitions=4",
-        f"shard.tasks=[{{name: {TASK}, kind: multiclass, source: 'category_path[2]', top_n: 5000}}]",
-        f"shard.split={{stratify_by: {TASK}}}",
-        "shard.text_fields={title: 24, brand: 4}", "shard.row_group_rows=1024",
-        "train.model=productnet", f"train.tasks=[{TASK}]", f"train.epochs={epochs}",
-        "train.patience=2", "train.distributed=false", "train.resume=false",
-        "train.productnet.finetune.epochs=2", "train.productnet.finetune.per_class=5",
-        *extra,
-    ])
+    return load_config(
+        [catalog],
+        overrides=[
+            f"workdir={WORKDIR}",
+            "spark.shuffle_partitions=4",
+            f"shard.tasks=[{{name: {TASK}, kind: multiclass, source: 'category_path[2]', top_n: 5000}}]",
+            f"shard.split={{stratify_by: {TASK}}}",
+            "shard.text_fields={title: 24, brand: 4}",
+            "shard.row_group_rows=1024",
+            "train.model=productnet",
+            f"train.tasks=[{TASK}]",
+            f"train.epochs={epochs}",
+            "train.patience=2",
+            "train.distributed=false",
+            "train.resume=false",
+            "train.finetune.epochs=2",
+            "train.finetune.per_class=5",
+            *extra,
+        ],
+    )
 
 
 def split_rows(shard_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """product_id and label of a split's labelled rows, in the loader's row order."""
     manifest = load_manifest(shard_dir)
-    table = pq.read_table([shard_dir / f["path"] for f in manifest["files"][split]],
-                          columns=["product_id", TASK])
-    return (table.column("product_id").to_numpy(zero_copy_only=False),
-            table.column(TASK).to_numpy(zero_copy_only=False))
+    table = pq.read_table(
+        [shard_dir / f["path"] for f in manifest["files"][split]], columns=["product_id", TASK]
+    )
+    return (
+        table.column("product_id").to_numpy(zero_copy_only=False),
+        table.column(TASK).to_numpy(zero_copy_only=False),
+    )
 
 
 def top_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -95,9 +109,12 @@ def model_scores(model: torch.nn.Module, shard_dir: Path, rows: int) -> np.ndarr
 def baseline_scores(config: Config, shard_dir: Path, classes: int) -> tuple[np.ndarray, float]:
     """TF-IDF + LR test-split class scores [rows, classes], alpha chosen on validation."""
     spark = get_spark(config.spark)
-    text = clean.read_clean(spark, config).selectExpr(
-        "product_id", "concat_ws(' ', title, brand) AS text").toPandas() \
+    text = (
+        read_clean(spark, config)
+        .selectExpr("product_id", "concat_ws(' ', title, brand) AS text")
+        .toPandas()
         .set_index("product_id")["text"]
+    )
     splits = {split: split_rows(shard_dir, split) for split in ("train", "validation", "test")}
     labelled = {split: ~np.isnan(labels.astype(float)) for split, (_, labels) in splits.items()}
     docs = {split: text.loc[ids].to_numpy() for split, (ids, _) in splits.items()}
@@ -107,8 +124,9 @@ def baseline_scores(config: Config, shard_dir: Path, classes: int) -> tuple[np.n
     x_validation = vectorizer.transform(docs["validation"][labelled["validation"]])
     fitted = {}
     for alpha in (1e-5, 3e-6, 1e-6, 3e-7):
-        model = SGDClassifier(loss="log_loss", alpha=alpha, max_iter=30, tol=1e-4, n_jobs=2,
-                              random_state=0).fit(x_train, y["train"])
+        model = SGDClassifier(
+            loss="log_loss", alpha=alpha, max_iter=30, tol=1e-4, n_jobs=2, random_state=0
+        ).fit(x_train, y["train"])
         fitted[alpha] = (model.score(x_validation, y["validation"]), model)
     alpha = max(fitted, key=lambda a: fitted[a][0])
     model = fitted[alpha][1]
@@ -126,31 +144,39 @@ def bench(catalog: str, epochs: int, extra: list[str]) -> dict[str, float]:
     prepared = time.perf_counter()
     result = run_stage("train", config, spark)
     trained = time.perf_counter()
-    shard_dir = config.stage_dir("shard")
+    shard_dir = config.outputs.shards
     manifest = load_manifest(shard_dir)
     classes = next(t["num_outputs"] for t in manifest["tasks"] if t["name"] == TASK)
     ids, labels = split_rows(shard_dir, "test")
     keep = ~np.isnan(labels.astype(float))
     labels = labels[keep].astype(int)
-    vectors = word_vectors(config, shard_dir, config.stage_dir("train"))
+    vectors = word_vectors(config, shard_dir, config.outputs.training)
     figures: dict[str, float] = {}
     for name, run_dir in (("master", "model"), ("master+finetune", "finetune")):
-        model = load_trained(config, shard_dir, config.stage_dir("train") / run_dir, vectors)
+        model = model_type("productnet").load_trained(
+            config, shard_dir, config.outputs.training / run_dir, vectors
+        )
         scores = model_scores(model, shard_dir, len(ids))[keep]
-        figures[f"{name} top-1"], figures[f"{name} top-3"] = (top_k(scores, labels, 1),
-                                                              top_k(scores, labels, 3))
+        figures[f"{name} top-1"], figures[f"{name} top-3"] = (
+            top_k(scores, labels, 1),
+            top_k(scores, labels, 3),
+        )
     baseline_started = time.perf_counter()
     scores, c = baseline_scores(config, shard_dir, classes)
     figures["tfidf top-1"] = top_k(scores[keep], labels, 1)
     figures["tfidf top-3"] = top_k(scores[keep], labels, 3)
-    history = json.loads((config.stage_dir("train") / "model" / "history.json").read_text())
-    print(f"{catalog}: {manifest['splits']} rows (train/validation/test), {classes} level-2 "
-          f"classes, {int(keep.sum())} labelled test rows; master model "
-          f"{result.outputs['registered_model']}, best epoch "
-          f"{min(history, key=lambda row: row['val_loss'])['epoch']} of {len(history) - 1}; "
-          f"TF-IDF+LR alpha={c:g}")
-    print(f"  clean+corpus+shard {prepared - started:.0f} s, train (+fine-tune, register) "
-          f"{trained - prepared:.0f} s, TF-IDF+LR {time.perf_counter() - baseline_started:.0f} s")
+    history = json.loads((config.outputs.training / "model" / "history.json").read_text())
+    print(
+        f"{catalog}: {manifest['splits']} rows (train/validation/test), {classes} level-2 "
+        f"classes, {int(keep.sum())} labelled test rows; master model "
+        f"{result.outputs['registered_model']}, best epoch "
+        f"{min(history, key=lambda row: row['val_loss'])['epoch']} of {len(history) - 1}; "
+        f"TF-IDF+LR alpha={c:g}"
+    )
+    print(
+        f"  clean+corpus+shard {prepared - started:.0f} s, train (+fine-tune, register) "
+        f"{trained - prepared:.0f} s, TF-IDF+LR {time.perf_counter() - baseline_started:.0f} s"
+    )
     print("  " + ", ".join(f"{key} {value:.3f}" for key, value in figures.items()))
     return figures
 
@@ -159,20 +185,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--catalogs", nargs="+", default=["flipkart", "bigbasket"])
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="more config overrides, e.g. train.productnet.dropout=0.3")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more config overrides, e.g. train.productnet.dropout=0.3",
+    )
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"shared catalogs not found at {DATA} (set PRODVEC_DATA)")
     logging.basicConfig(level=logging.WARNING)
     results = {catalog: bench(catalog, args.epochs, args.set) for catalog in args.catalogs}
-    print("| catalog | master top-1 | master top-3 | +fine-tune top-1 | +fine-tune top-3 "
-          "| TF-IDF+LR top-1 | TF-IDF+LR top-3 |")
+    print(
+        "| catalog | master top-1 | master top-3 | +fine-tune top-1 | +fine-tune top-3 "
+        "| TF-IDF+LR top-1 | TF-IDF+LR top-3 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for catalog, f in results.items():
-        print(f"| {catalog} | {f['master top-1']:.3f} | {f['master top-3']:.3f} | "
-              f"{f['master+finetune top-1']:.3f} | {f['master+finetune top-3']:.3f} | "
-              f"{f['tfidf top-1']:.3f} | {f['tfidf top-3']:.3f} |")
+        print(
+            f"| {catalog} | {f['master top-1']:.3f} | {f['master top-3']:.3f} | "
+            f"{f['master+finetune top-1']:.3f} | {f['master+finetune top-3']:.3f} | "
+            f"{f['tfidf top-1']:.3f} | {f['tfidf top-3']:.3f} |"
+        )
     if "flipkart" in results:
         f = results["flipkart"]
         print(f"RESULT productnet ratio={f['master+finetune top-1'] / f['tfidf top-1']:.3f}")

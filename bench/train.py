@@ -35,18 +35,13 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from pipelines.config import Config, load_config
-from pipelines.shard import MANIFEST
-from pipelines.spark import get_spark
-from pipelines.train import (
-    Launch,
-    local_cores,
-    loop_spec,
-    model_factory,
-    read_history,
-    train_model,
-    word_vectors,
-)
+from pipelines.core.config import Config, load_config
+from pipelines.core.spark import get_spark
+from pipelines.data.shards import MANIFEST
+from pipelines.model_types.registry import model_type
+from pipelines.training.inputs import loop_spec, word_vectors
+from pipelines.training.launch import Launch, local_cores, train_model
+from pipelines.training.reporting import read_history
 
 WORKDIR = Path("work/bench-train")
 
@@ -60,13 +55,17 @@ def shard_key(config: Config) -> str:
 
 def ensure_shards(spark: SparkSession, config: Config, fresh: bool) -> Path:
     """Build the shards through clean, corpus and shard unless these settings built them."""
-    root = config.stage_dir("shard")
-    stamp = config.catalog_dir / "bench-stamp"
-    if not fresh and (root / MANIFEST).is_file() and stamp.is_file() \
-            and stamp.read_text() == shard_key(config):
+    root = config.outputs.shards
+    stamp = config.outputs.root / "bench-stamp"
+    if (
+        not fresh
+        and (root / MANIFEST).is_file()
+        and stamp.is_file()
+        and stamp.read_text() == shard_key(config)
+    ):
         print(f"reusing the shards in {root} (--fresh rebuilds them)")
         return root
-    from pipelines import clean, corpus, shard
+    from pipelines.stages import clean, corpus, shard
 
     started = time.perf_counter()
     for stage in (clean, corpus, shard):
@@ -82,16 +81,22 @@ def throughput(config: Config, shards: Path, processes: int, threads: int) -> fl
     out = WORKDIR / f"run-{processes}p{threads}t"
     out.mkdir(parents=True, exist_ok=True)
     vectors = word_vectors(config, shards, out)
-    spec = loop_spec(config, shards, out / "run", vectors, launch)
+    chosen = model_type(config.train.model)
+    spec = loop_spec(config, shards, out / "run", vectors, launch, chosen.fingerprint_part(config))
     started = time.perf_counter()
-    result = train_model(launch, spec, model_factory(config, vectors), resume=False)
+    result = train_model(launch, spec, chosen.factory(config, vectors), resume=False)
     wall = time.perf_counter() - started
-    speeds = [row["train_samples_per_second"] for row in read_history(out / "run")
-              if "train_samples_per_second" in row]
+    speeds = [
+        row["train_samples_per_second"]
+        for row in read_history(out / "run")
+        if "train_samples_per_second" in row
+    ]
     speed = statistics.median(speeds)
-    print(f"  {processes} process(es) x {launch.threads} thread(s): "
-          f"{', '.join(f'{s:,.0f}' for s in speeds)} samples/s by epoch -> median {speed:,.0f}; "
-          f"{result['global_step']} steps, {wall:.0f} s wall with start-up and validation")
+    print(
+        f"  {processes} process(es) x {launch.threads} thread(s): "
+        f"{', '.join(f'{s:,.0f}' for s in speeds)} samples/s by epoch -> median {speed:,.0f}; "
+        f"{result['global_step']} steps, {wall:.0f} s wall with start-up and validation"
+    )
     return speed
 
 
@@ -103,15 +108,23 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="rebuild the shards")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    config = load_config(overrides=[
-        f"workdir={WORKDIR}", f"catalog.synthetic.rows={args.rows}", "word2vec.epochs=2",
-        "shard.row_group_rows=512", f"train.epochs={args.epochs}", f"train.patience={args.epochs}",
-    ])
+    config = load_config(
+        overrides=[
+            f"workdir={WORKDIR}",
+            f"catalog.synthetic.rows={args.rows}",
+            "word2vec.epochs=2",
+            "shard.row_group_rows=512",
+            f"train.epochs={args.epochs}",
+            f"train.patience={args.epochs}",
+        ]
+    )
     spark = get_spark(config.spark)  # TorchDistributor runs from the active session
     shards = ensure_shards(spark, config, args.fresh)
     rows = json.loads((shards / MANIFEST).read_text())["splits"]["train"]
-    print(f"{rows:,} training rows, {local_cores()} cores, MRNet {config.train.embedding_size}-d, "
-          f"batch {config.train.batch_size} per process, {args.epochs} epochs per run")
+    print(
+        f"{rows:,} training rows, {local_cores()} cores, MRNet {config.train.embedding_size}-d, "
+        f"batch {config.train.batch_size} per process, {args.epochs} epochs per run"
+    )
     cores = local_cores()
     sides = sorted({(1, cores), (1, 1), (2, max(1, cores // 2))})
     speeds: dict[tuple[int, int], list[float]] = {side: [] for side in sides}
@@ -123,10 +136,17 @@ def main() -> None:
     one = max(speed for (processes, _), speed in medians.items() if processes == 1)
     two = medians[2, max(1, cores // 2)]
     ratio = two / one
-    print("medians: " + "; ".join(f"{p} process(es) x {t} thread(s) {speed:,.0f} samples/s"
-                                  for (p, t), speed in medians.items()))
-    print(f"2 processes {two:,.0f} samples/s / best 1 process {one:,.0f} samples/s "
-          f"(load average {os.getloadavg()[0]:.1f}: other work on the machine skews all)")
+    print(
+        "medians: "
+        + "; ".join(
+            f"{p} process(es) x {t} thread(s) {speed:,.0f} samples/s"
+            for (p, t), speed in medians.items()
+        )
+    )
+    print(
+        f"2 processes {two:,.0f} samples/s / best 1 process {one:,.0f} samples/s "
+        f"(load average {os.getloadavg()[0]:.1f}: other work on the machine skews all)"
+    )
     print(f"RESULT train ratio={ratio:.2f}")
 
 

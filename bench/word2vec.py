@@ -36,11 +36,11 @@ from gensim.models import Word2Vec
 from pyspark.ml.feature import Word2Vec as MLlibWord2Vec
 from pyspark.sql import SparkSession
 
-from pipelines import corpus
-from pipelines.config import Config, load_config
-from pipelines.spark import get_spark
-from pipelines.stages import run_stage
-from pipelines.tokenizer import Vocabulary, tokens
+from pipelines.core.config import Config, load_config
+from pipelines.core.spark import get_spark
+from pipelines.data.tokenizer import Vocabulary, tokens
+from pipelines.stages import corpus
+from pipelines.stages.registry import run_stage
 
 WORKDIR = Path("work/bench-word2vec")
 
@@ -48,10 +48,13 @@ WORKDIR = Path("work/bench-word2vec")
 def ensure_clean(config: Config, spark: SparkSession, fresh: bool) -> None:
     """Run `clean` unless this exact catalog + clean config was cleaned before (it is
     deterministic by seed); --fresh forces it."""
-    stamp = config.stage_dir("clean") / "bench-stamp.json"
-    key = hashlib.sha256(json.dumps(
-        [config.catalog.model_dump(mode="json"), config.clean.model_dump(mode="json")],
-        sort_keys=True).encode()).hexdigest()
+    stamp = config.outputs.stage("clean") / "bench-stamp.json"
+    key = hashlib.sha256(
+        json.dumps(
+            [config.catalog.model_dump(mode="json"), config.clean.model_dump(mode="json")],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
     if not fresh and stamp.is_file() and stamp.read_text() == key:
         print(f"reusing the clean catalog in {stamp.parent} (--fresh rebuilds it)")
         return
@@ -61,16 +64,22 @@ def ensure_clean(config: Config, spark: SparkSession, fresh: bool) -> None:
     print(f"clean stage: {time.perf_counter() - started:.1f} s")
 
 
-def raw_gensim(config: Config, corpus_file: Path,
-               **overrides: int) -> tuple[Word2Vec, float, corpus.Timing]:
+def raw_gensim(
+    config: Config, corpus_file: Path, **overrides: int
+) -> tuple[Word2Vec, float, corpus.Timing]:
     """What `Word2Vec(corpus_file=...)` does, timed in its two steps: (model, scan seconds,
     training timing)."""
     settings = config.word2vec
     params = {
-        "vector_size": settings.dims, "window": settings.window, "min_count": settings.min_count,
-        "sample": settings.sample, "seed": corpus.training_seed(config),
-        "workers": corpus.workers(settings), "sg": int(settings.algorithm == "skipgram"),
-        "negative": settings.negative, "epochs": settings.epochs,
+        "vector_size": settings.dims,
+        "window": settings.window,
+        "min_count": settings.min_count,
+        "sample": settings.sample,
+        "seed": corpus.training_seed(config),
+        "workers": corpus.workers(settings),
+        "sg": int(settings.algorithm == "skipgram"),
+        "negative": settings.negative,
+        "epochs": settings.epochs,
     }
     model = Word2Vec(**{**params, **overrides})
     started = time.perf_counter()
@@ -78,10 +87,14 @@ def raw_gensim(config: Config, corpus_file: Path,
     scan_seconds = time.perf_counter() - started
     started, cpu_started = time.perf_counter(), time.process_time()
     _, raw_words = model.train(
-        corpus_file=str(corpus_file), total_examples=model.corpus_count,
-        total_words=model.corpus_total_words, epochs=model.epochs)
-    timing = corpus.Timing(time.perf_counter() - started, time.process_time() - cpu_started,
-                           raw_words, model.workers)
+        corpus_file=str(corpus_file),
+        total_examples=model.corpus_count,
+        total_words=model.corpus_total_words,
+        epochs=model.epochs,
+    )
+    timing = corpus.Timing(
+        time.perf_counter() - started, time.process_time() - cpu_started, raw_words, model.workers
+    )
     return model, scan_seconds, timing
 
 
@@ -107,16 +120,24 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    config = load_config(["local"], [f"workdir={WORKDIR}", f"catalog.synthetic.rows={args.rows}",
-                                     f"word2vec.epochs={args.epochs}"])
+    config = load_config(
+        ["local"],
+        [
+            f"workdir={WORKDIR}",
+            f"catalog.synthetic.rows={args.rows}",
+            f"word2vec.epochs={args.epochs}",
+        ],
+    )
     settings = config.word2vec
     spark = get_spark(config.spark)
     cores = spark.sparkContext.defaultParallelism
     workers = corpus.workers(settings)
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
-          f"Spark {spark.sparkContext.master}, gensim workers {workers}; "
-          f"word2vec {settings.algorithm} dims={settings.dims} window={settings.window} "
-          f"negative={settings.negative} epochs={settings.epochs} min_count={settings.min_count}")
+    print(
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
+        f"Spark {spark.sparkContext.master}, gensim workers {workers}; "
+        f"word2vec {settings.algorithm} dims={settings.dims} window={settings.window} "
+        f"negative={settings.negative} epochs={settings.epochs} min_count={settings.min_count}"
+    )
     ensure_clean(config, spark, args.fresh)
 
     # 1. The whole stage.
@@ -125,12 +146,16 @@ def main() -> None:
     stage_seconds = time.perf_counter() - started
     m = result.metrics
     words, documents = result.rows["words"], result.rows["documents"]
-    print(f"corpus: {documents:,} documents, {words:,} words, "
-          f"vocabulary {result.rows['vocabulary']:,}")
-    print(f"stage: {stage_seconds:.1f} s in all = corpus {m['seconds_corpus']:.1f} s + "
-          f"Spark vocabulary {m['seconds_vocabulary']:.1f} s + concatenate "
-          f"{m['seconds_concatenate']:.2f} s + training {m['seconds_train']:.1f} s "
-          f"+ saving and MLflow")
+    print(
+        f"corpus: {documents:,} documents, {words:,} words, "
+        f"vocabulary {result.rows['vocabulary']:,}"
+    )
+    print(
+        f"stage: {stage_seconds:.1f} s in all = corpus {m['seconds_corpus']:.1f} s + "
+        f"Spark vocabulary {m['seconds_vocabulary']:.1f} s + concatenate "
+        f"{m['seconds_concatenate']:.2f} s + training {m['seconds_train']:.1f} s "
+        f"+ saving and MLflow"
+    )
     corpus_file = corpus.concatenate(Path(result.outputs["corpus"]), WORKDIR / "corpus.txt")
     vocabulary = Vocabulary.load(Path(result.outputs["vocabulary"]))
 
@@ -140,19 +165,28 @@ def main() -> None:
 
     def ours() -> corpus.Timing:
         callback = corpus.EpochMetrics(words)
-        _, timing = corpus.train(settings, corpus.training_seed(config), vocabulary,
-                                 corpus_file, stats, callback)
-        print("  ours, words/s per epoch: "
-              + ", ".join(f"{rate:,.0f}" for rate in callback.words_per_s))
+        _, timing = corpus.train(
+            settings, corpus.training_seed(config), vocabulary, corpus_file, stats, callback
+        )
+        print(
+            "  ours, words/s per epoch: "
+            + ", ".join(f"{rate:,.0f}" for rate in callback.words_per_s)
+        )
         return timing
 
     seconds = m["seconds_train"]
-    stage = corpus.Timing(seconds, seconds * workers * m["train_cpu_utilisation"],
-                          round(m["train_words_per_s"] * seconds), workers)
+    stage = corpus.Timing(
+        seconds,
+        seconds * workers * m["train_cpu_utilisation"],
+        round(m["train_words_per_s"] * seconds),
+        workers,
+    )
     model, scan_seconds, raw = raw_gensim(config, corpus_file)
     counts = dict(zip(model.wv.index_to_key, model.wv.expandos["count"].tolist(), strict=True))
-    print(f"gensim's own scan finds the vocabulary Spark counted: "
-          f"{counts == vocabulary.frequencies()}")
+    print(
+        f"gensim's own scan finds the vocabulary Spark counted: "
+        f"{counts == vocabulary.frequencies()}"
+    )
     pairs, scans = [(stage, raw)], [scan_seconds]
     for pair in range(2, args.rounds + 1):
         if pair % 2 == 0:
@@ -164,32 +198,48 @@ def main() -> None:
             pairs.append((timing, raw))
         scans.append(scan_seconds)
     for pair, (a, b) in enumerate(pairs, 1):
-        what = "whole stage, then raw" if pair == 1 else (
-            "raw first" if pair % 2 == 0 else "ours first")
+        what = (
+            "whole stage, then raw"
+            if pair == 1
+            else ("raw first" if pair % 2 == 0 else "ours first")
+        )
         per_cpu = (a.raw_words / a.cpu_seconds) / (b.raw_words / b.cpu_seconds)
-        print(f"pair {pair} ({what}): ours {describe(a)}, raw gensim corpus_file {describe(b)}, "
-              f"ratio {a.words_per_s / b.words_per_s:.3f} (per CPU-second {per_cpu:.3f})")
+        print(
+            f"pair {pair} ({what}): ours {describe(a)}, raw gensim corpus_file {describe(b)}, "
+            f"ratio {a.words_per_s / b.words_per_s:.3f} (per CPU-second {per_cpu:.3f})"
+        )
     ratio = statistics.median(a.words_per_s / b.words_per_s for a, b in pairs)
 
     # 3. Vocabulary: Spark's count against gensim's scan.
     started = time.perf_counter()
-    corpus.build_vocabulary(corpus.count_words(spark, Path(result.outputs["corpus"])),
-                            settings.min_count, settings.max_vocab)
+    corpus.build_vocabulary(
+        corpus.count_words(spark, Path(result.outputs["corpus"])),
+        settings.min_count,
+        settings.max_vocab,
+    )
     spark_seconds = time.perf_counter() - started
     scan_seconds = statistics.median(scans)
-    print(f"vocabulary: Spark count {spark_seconds:.2f} s "
-          f"({words / spark_seconds:,.0f} words/s on {cores} cores), gensim build_vocab scan "
-          f"{scan_seconds:.2f} s ({words / scan_seconds:,.0f} words/s, one thread)")
+    print(
+        f"vocabulary: Spark count {spark_seconds:.2f} s "
+        f"({words / spark_seconds:,.0f} words/s on {cores} cores), gensim build_vocab scan "
+        f"{scan_seconds:.2f} s ({words / scan_seconds:,.0f} words/s, one thread)"
+    )
 
     # 4. Spark MLlib, one iteration, against gensim per CPU-second (measured CPU time: the
     #    JVM's for MLlib, this process's for gensim).
     lines = spark.read.text(result.outputs["corpus"]).select(tokens("value").alias("tokens"))
     lines = lines.cache()
     lines.count()
-    mllib = MLlibWord2Vec(vectorSize=settings.dims, minCount=settings.min_count,
-                          windowSize=settings.window, maxIter=1, numPartitions=cores,
-                          seed=corpus.training_seed(config), inputCol="tokens",
-                          outputCol="vector")
+    mllib = MLlibWord2Vec(
+        vectorSize=settings.dims,
+        minCount=settings.min_count,
+        windowSize=settings.window,
+        maxIter=1,
+        numPartitions=cores,
+        seed=corpus.training_seed(config),
+        inputCol="tokens",
+        outputCol="vector",
+    )
     started, cpu_started = time.perf_counter(), jvm_cpu_seconds(spark)
     mllib.fit(lines)
     mllib_seconds = time.perf_counter() - started
@@ -199,15 +249,19 @@ def main() -> None:
         mllib_cpu = jvm_cpu_seconds(spark) - cpu_started
     lines.unpersist()
     mllib_rate = words / mllib_cpu
-    print(f"Spark MLlib Word2Vec, 1 iteration on {cores} partitions: {mllib_seconds:.1f} s, "
-          f"{words / mllib_seconds:,.0f} words/s, {mllib_cpu:.1f} CPU-s")
+    print(
+        f"Spark MLlib Word2Vec, 1 iteration on {cores} partitions: {mllib_seconds:.1f} s, "
+        f"{words / mllib_seconds:,.0f} words/s, {mllib_cpu:.1f} CPU-s"
+    )
     _, _, sg_hs = raw_gensim(config, corpus_file, sg=1, hs=1, negative=0, epochs=1)
     sg_hs_rate = sg_hs.raw_words / sg_hs.cpu_seconds
     gensim_rate = statistics.median(b.raw_words / b.cpu_seconds for _, b in pairs)
-    print(f"words per CPU-second: gensim {settings.algorithm} {gensim_rate:,.0f}, gensim "
-          f"skip-gram+hs {sg_hs_rate:,.0f}, Spark MLlib Word2Vec (skip-gram+hs) {mllib_rate:,.0f}"
-          f" = {mllib_rate / gensim_rate:.3f}x gensim {settings.algorithm}, "
-          f"{mllib_rate / sg_hs_rate:.3f}x gensim skip-gram+hs")
+    print(
+        f"words per CPU-second: gensim {settings.algorithm} {gensim_rate:,.0f}, gensim "
+        f"skip-gram+hs {sg_hs_rate:,.0f}, Spark MLlib Word2Vec (skip-gram+hs) {mllib_rate:,.0f}"
+        f" = {mllib_rate / gensim_rate:.3f}x gensim {settings.algorithm}, "
+        f"{mllib_rate / sg_hs_rate:.3f}x gensim skip-gram+hs"
+    )
     corpus_file.unlink()
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(f"RESULT word2vec ratio={ratio:.3f}")

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = ["CrossLocaleAutoencoder", "GroupSparseAutoencoder"]
+
 
 class GroupSparseAutoencoder(nn.Module):
     """A sparse autoencoder over the G*d zero-padded PG embedding with a 2d hidden layer.

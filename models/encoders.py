@@ -7,6 +7,7 @@ never the launcher, the plotting or Spark."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -15,6 +16,8 @@ from torch import Tensor, nn
 from models.autoencoders import GroupSparseAutoencoder
 from models.mrnet import PAD_ID, MRNet
 from models.productnet import ProductNet
+
+__all__ = ["GroupEncoder", "ProductNetEncoder", "TitleEncoder", "pack_fields", "title_lengths"]
 
 
 def title_lengths(title_ids: Tensor) -> Tensor:
@@ -41,8 +44,9 @@ class GroupEncoder(nn.Module):
     the group-agnostic embedding [B, 2d]: the row's group MRNet embeds the title, the sparse
     autoencoder maps it to the shared space. `groups[i]` names group index i."""
 
-    def __init__(self, groups: Sequence[str], encoders: Sequence[MRNet],
-                 autoencoder: GroupSparseAutoencoder) -> None:
+    def __init__(
+        self, groups: Sequence[str], encoders: Sequence[MRNet], autoencoder: GroupSparseAutoencoder
+    ) -> None:
         super().__init__()
         self.groups = list(groups)
         self.encoders = nn.ModuleList(encoders)
@@ -58,7 +62,7 @@ class GroupEncoder(nn.Module):
         for index, encoder in enumerate(self.encoders):
             rows = (group == index).nonzero().squeeze(1)
             if len(rows):
-                embedding[rows] = encoder.encode(title_ids[rows], lengths[rows])
+                embedding[rows] = cast(MRNet, encoder).encode(title_ids[rows], lengths[rows])
         return self.autoencoder.encode(embedding, group)
 
 
@@ -85,15 +89,17 @@ class ProductNetEncoder(nn.Module):
 
     def unpack(self, inputs: Tensor) -> dict[str, Tensor]:
         if inputs.shape[1] != self.width:
-            raise ValueError(f"packed ProductNet input has {inputs.shape[1]} columns, expected "
-                             f"{self.width} (fields {list(self.fields)}, image {self.image_dim})")
+            raise ValueError(
+                f"packed ProductNet input has {inputs.shape[1]} columns, expected "
+                f"{self.width} (fields {list(self.fields)}, image {self.image_dim})"
+            )
         batch, start = {}, 0
         for name, length in self.fields:
-            batch[f"{name}_ids"] = inputs[:, start:start + length]
+            batch[f"{name}_ids"] = inputs[:, start : start + length]
             start += length
         if self.image_dim is not None:
             batch["image_missing"] = inputs[:, start] != 0
-            bits = inputs[:, start + 1:].to(torch.int32)
+            bits = inputs[:, start + 1 :].to(torch.int32)
             batch["image_features"] = bits.view(torch.float32)
         return batch
 
@@ -101,8 +107,11 @@ class ProductNetEncoder(nn.Module):
         return self.productnet.encode(self.unpack(inputs.long()))
 
 
-def pack_fields(field_ids: Sequence[np.ndarray], image_features: np.ndarray | None = None,
-                image_missing: np.ndarray | None = None) -> np.ndarray:
+def pack_fields(
+    field_ids: Sequence[np.ndarray],
+    image_features: np.ndarray | None = None,
+    image_missing: np.ndarray | None = None,
+) -> np.ndarray:
     """ProductNetEncoder's input from each field's ids [B, max_len] (in the model's `fields`
     order) and, for an image model, features float32 [B, D] and the missing flags [B]."""
     parts = [ids.astype(np.int64, copy=False) for ids in field_ids]

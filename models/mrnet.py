@@ -2,7 +2,8 @@
 vectors; the product embedding is its final forward and backward states concatenated, and one
 linear head per task (equation 4, o_n = W_n h_T + b_n) predicts that task's labels from it.
 
-Losses live in `models.losses`; this module only maps a batch to per-task outputs.
+Losses live with the task kinds (`pipelines.tasks`); this module only maps a batch to
+per-task outputs.
 """
 
 from __future__ import annotations
@@ -11,70 +12,51 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-TaskKind = Literal["multiclass", "binary", "regression", "multilabel", "decoding"]
-TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
+__all__ = ["PAD_ID", "MRNet", "TaskHead", "check_task_names", "word_embeddings"]
+
 PAD_ID = 0  # the data contract: row 0 of the vocabulary is padding, row 1 out-of-vocabulary
 _NAME = re.compile(r"[a-z0-9_]+")
-_SCALAR_KINDS = ("binary", "regression")  # one output each, squeezed to [B]
 
 
 @dataclass(frozen=True)
 class TaskHead:
-    """One training task as the shard manifest describes it: the head's size and its loss.
+    """One task's head as the model needs it: a name, the task's kind (which owns the loss and
+    metrics, `pipelines.tasks`), the number of outputs, and whether the output is one number
+    per product (`scalar`: squeezed to [B]).
 
-    `pos_weight` (multilabel only) is negatives/positives per node on the train split, the
+    `pos_weight` (multilabel) is negatives/positives per output on the train split, the
     weight of the positive term in the weighted binary cross-entropy.
     """
 
     name: str
-    kind: TaskKind
+    kind: str
     num_outputs: int
     pos_weight: tuple[float, ...] | None = None
+    scalar: bool = False
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}"
         if not _NAME.fullmatch(self.name):
             raise ValueError(f"{where}: names are [a-z0-9_]+")
-        if self.kind not in TASK_KINDS:
-            raise ValueError(f"{where}: kind {self.kind!r} is not one of {TASK_KINDS}")
-        if self.kind in _SCALAR_KINDS and self.num_outputs != 1:
-            raise ValueError(f"{where}: a {self.kind} task has 1 output, not {self.num_outputs}")
-        if self.num_outputs < (2 if self.kind == "multiclass" else 1):
-            raise ValueError(f"{where}: too few outputs ({self.num_outputs}) for {self.kind}")
+        if self.num_outputs < 1 or (self.scalar and self.num_outputs != 1):
+            raise ValueError(
+                f"{where}: {self.num_outputs} outputs for a "
+                f"{'scalar ' if self.scalar else ''}{self.kind} head"
+            )
         if self.pos_weight is None:
             return
-        if self.kind != "multilabel":
-            raise ValueError(f"{where}: pos_weight is for multilabel tasks only")
         if len(self.pos_weight) != self.num_outputs:
             raise ValueError(
                 f"{where}: {len(self.pos_weight)} pos_weight values for {self.num_outputs} outputs"
             )
         if not all(w > 0 and math.isfinite(w) for w in self.pos_weight):
             raise ValueError(f"{where}: pos_weight values must be positive and finite")
-
-    @classmethod
-    def from_manifest(cls, entry: Mapping[str, Any]) -> TaskHead:
-        """From one task entry of the shard manifest (extra keys such as labels/stats ignored).
-
-        pos_weight may be a list aligned with the outputs or a {label: weight} map, which is
-        ordered by the entry's `labels`.
-        """
-        pos_weight = entry.get("pos_weight")
-        if isinstance(pos_weight, Mapping):
-            pos_weight = [pos_weight[label] for label in entry["labels"]]
-        return cls(
-            name=str(entry["name"]),
-            kind=entry["kind"],
-            num_outputs=int(entry["num_outputs"]),
-            pos_weight=None if pos_weight is None else tuple(float(w) for w in pos_weight),
-        )
 
 
 def check_task_names(tasks: Sequence[TaskHead]) -> None:
@@ -87,15 +69,17 @@ def check_task_names(tasks: Sequence[TaskHead]) -> None:
         raise ValueError(f"task names {reserved} clash with torch.nn.Module attributes")
 
 
-def word_embeddings(vocab_size: int, word_dim: int, pretrained: np.ndarray | Tensor | None,
-                    freeze: bool) -> nn.Embedding:
+def word_embeddings(
+    vocab_size: int, word_dim: int, pretrained: np.ndarray | Tensor | None, freeze: bool
+) -> nn.Embedding:
     """The word-vector table, from the word2vec vectors when given, frozen or fine-tuned."""
     words = nn.Embedding(vocab_size, word_dim, padding_idx=PAD_ID)
     if pretrained is not None:
         vectors = torch.as_tensor(pretrained, dtype=torch.float32)
         if vectors.shape != (vocab_size, word_dim):
-            raise ValueError(f"pretrained vectors are {tuple(vectors.shape)}, expected "
-                             f"{(vocab_size, word_dim)}")
+            raise ValueError(
+                f"pretrained vectors are {tuple(vectors.shape)}, expected {(vocab_size, word_dim)}"
+            )
         with torch.no_grad():
             words.weight.copy_(vectors)
     words.weight.requires_grad_(not freeze)
@@ -131,7 +115,7 @@ class MRNet(nn.Module):
         self.heads = nn.ModuleDict(
             {task.name: nn.Linear(embedding_size, task.num_outputs) for task in tasks}
         )
-        self._scalar = {task.name for task in tasks if task.kind in _SCALAR_KINDS}
+        self._scalar = {task.name for task in tasks if task.scalar}
 
     def encode(self, title_ids: Tensor, title_len: Tensor) -> Tensor:
         """The product embedding [B, embedding_size]: [h_T forward, h_T backward].

@@ -28,12 +28,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.mrnet import _SCALAR_KINDS, PAD_ID, TaskHead, check_task_names, word_embeddings
+from models.mrnet import PAD_ID, TaskHead, check_task_names, word_embeddings
+
+__all__ = ["BIGRAM_PRIME", "DPCNN", "FIELD_ENCODERS", "AttentionLSTM", "BagOfWords", "ProductNet"]
 
 # Which encoder reads which text field (the paper's choice per field).
-FIELD_ENCODERS = {"title": "attention_lstm", "description": "dpcnn", "bullets": "dpcnn",
-                  "brand": "bag"}
-_BIGRAM_PRIME = 1_000_003  # bigram hash: (a * prime + b) mod buckets, no overflow in int64
+FIELD_ENCODERS = {
+    "title": "attention_lstm",
+    "description": "dpcnn",
+    "bullets": "dpcnn",
+    "brand": "bag",
+}
+BIGRAM_PRIME = 1_000_003  # bigram hash: (a * prime + b) mod buckets, no overflow in int64
 
 
 class AttentionLSTM(nn.Module):
@@ -49,12 +55,19 @@ class AttentionLSTM(nn.Module):
 
     def forward(self, vectors: Tensor, lengths: Tensor) -> Tensor:
         positions = vectors.shape[1]
-        packed = pack_padded_sequence(vectors, lengths.clamp_min(1).to("cpu", torch.int64),
-                                      batch_first=True, enforce_sorted=False)
-        states, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
-                                        total_length=positions)
+        packed = pack_padded_sequence(
+            vectors,
+            lengths.clamp_min(1).to("cpu", torch.int64),
+            batch_first=True,
+            enforce_sorted=False,
+        )
+        states, _ = pad_packed_sequence(
+            self.lstm(packed)[0], batch_first=True, total_length=positions
+        )
         scores = self.score(states).squeeze(-1).float()
-        real = torch.arange(positions, device=vectors.device)[None, :] < lengths.clamp_min(1)[:, None]
+        real = (
+            torch.arange(positions, device=vectors.device)[None, :] < lengths.clamp_min(1)[:, None]
+        )
         weights = torch.softmax(scores.masked_fill(~real, -math.inf), dim=1)
         return (weights.unsqueeze(-1).to(states.dtype) * states).sum(dim=1)
 
@@ -74,8 +87,12 @@ class _PyramidBlock(nn.Module):
 
 
 def _two_convs(channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.ReLU(), nn.Conv1d(channels, channels, 3, padding=1),
-                         nn.ReLU(), nn.Conv1d(channels, channels, 3, padding=1))
+    return nn.Sequential(
+        nn.ReLU(),
+        nn.Conv1d(channels, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(channels, channels, 3, padding=1),
+    )
 
 
 class DPCNN(nn.Module):
@@ -110,7 +127,7 @@ class BagOfWords(nn.Module):
     def bigram_ids(self, ids: Tensor) -> Tensor:
         """[B, L-1] bucket of each pair of neighbouring real tokens, 0 where a pair has padding."""
         pairs = (ids[:, :-1] != PAD_ID) & (ids[:, 1:] != PAD_ID)
-        hashed = (ids[:, :-1] * _BIGRAM_PRIME + ids[:, 1:]) % self.buckets + 1
+        hashed = (ids[:, :-1] * BIGRAM_PRIME + ids[:, 1:]) % self.buckets + 1
         return torch.where(pairs, hashed, 0)
 
     def forward(self, vectors: Tensor, ids: Tensor) -> Tensor:
@@ -170,11 +187,16 @@ class ProductNet(nn.Module):
         # tanh on the embedding layer: bounded, and never the all-zero vector a dead ReLU
         # layer can give (cosine search needs a direction).
         self.fusion = nn.Sequential(
-            nn.Linear(fused, hidden_size), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden_size, embedding_size), nn.Tanh())
+            nn.Linear(fused, hidden_size),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_size, embedding_size),
+            nn.Tanh(),
+        )
         self.heads = nn.ModuleDict(
-            {task.name: nn.Linear(embedding_size, task.num_outputs) for task in tasks})
-        self._scalar = {task.name for task in tasks if task.kind in _SCALAR_KINDS}
+            {task.name: nn.Linear(embedding_size, task.num_outputs) for task in tasks}
+        )
+        self._scalar = {task.name for task in tasks if task.scalar}
 
     def encode_field(self, name: str, ids: Tensor) -> Tensor:
         """One field's output [B, field_size], zero for products without the field."""
@@ -208,9 +230,10 @@ class ProductNet(nn.Module):
         fused = torch.cat([*parts, torch.stack(flags, dim=1).to(dtype)], dim=1)
         return self.fusion(fused)
 
-    def forward(self, batch: Mapping[str, Tensor],
-                tasks: Iterable[str] | None = None) -> dict[str, Tensor]:
-        """Outputs of the named tasks' heads (all by default), as pipelines.training expects:
+    def forward(
+        self, batch: Mapping[str, Tensor], tasks: Iterable[str] | None = None
+    ) -> dict[str, Tensor]:
+        """Outputs of the named tasks' heads (all by default), as pipelines.training.loop expects:
         multiclass logits [B, C] (the softmax lives in the loss)."""
         embedding = self.encode(batch)
         outputs = {}

@@ -15,10 +15,12 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from pipelines.config import Config, load_config
-from pipelines.errors import ConfigError, ProdvecError
-from pipelines.faults import task_error
-from pipelines.stages import STAGES, run_pipeline, run_stage, summary
+from pipelines.core.config import Config, load_config
+from pipelines.core.errors import ConfigError, ProdvecError
+from pipelines.core.faults import task_error
+from pipelines.stages.registry import STAGES, run_pipeline, run_stage, summary
+
+__all__ = ["main"]
 
 log = logging.getLogger("prodvec")
 
@@ -47,15 +49,25 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(stage.name, parents=[common], help=stage.purpose)
         if stage.name == "embed":
             _embed_arguments(sub)
-    _neighbors_arguments(commands.add_parser(
-        "neighbors", parents=[options],
-        help="the products most similar to one, from the saved index of a table version"))
+    _neighbors_arguments(
+        commands.add_parser(
+            "neighbors",
+            parents=[options],
+            help="the products most similar to one, from the saved index of a table version",
+        )
+    )
     vacuum = commands.add_parser(
-        "vacuum", parents=[common],
-        help="delete embedding-table files no retained version references (crashed runs' too)")
+        "vacuum",
+        parents=[common],
+        help="delete embedding-table files no retained version references (crashed runs' too)",
+    )
     vacuum.add_argument("--table", help="table path (default: embed.table_path)")
-    vacuum.add_argument("--retention-hours", type=int, default=None,
-                        help="keep files younger than this (default: embed.vacuum_retention_hours)")
+    vacuum.add_argument(
+        "--retention-hours",
+        type=int,
+        default=None,
+        help="keep files younger than this (default: embed.vacuum_retention_hours)",
+    )
     vacuum.add_argument("--dry-run", action="store_true", help="list, delete nothing")
     return parser
 
@@ -63,60 +75,82 @@ def _parser() -> argparse.ArgumentParser:
 def _embed_arguments(parser: argparse.ArgumentParser) -> None:
     """`prodvec embed` alone runs the stage (clean catalog -> embedding table); with --input
     it embeds one file ad hoc and touches no table."""
-    parser.description = ("Without --input: the embed stage (the clean catalog into the "
-                          "embedding table, model from --model or embed.model_uri). With "
-                          "--input: ad hoc, clean and embed one CSV / JSON lines / Parquet "
-                          "file or folder into --output (Parquet, one row per input row); "
-                          "no table is touched.")
-    parser.add_argument("--model", help="model URI: models:/name@alias, models:/name/version, "
-                        "runs:/... (default: embed.model_uri, else the @candidate model)")
+    parser.description = (
+        "Without --input: the embed stage (the clean catalog into the "
+        "embedding table, model from --model or embed.model_uri). With "
+        "--input: ad hoc, clean and embed one CSV / JSON lines / Parquet "
+        "file or folder into --output (Parquet, one row per input row); "
+        "no table is touched."
+    )
+    parser.add_argument(
+        "--model",
+        help="model URI: models:/name@alias, models:/name/version, "
+        "runs:/... (default: embed.model_uri, else the @candidate model)",
+    )
     parser.add_argument("--input", help="ad hoc: the products file or folder to embed")
     parser.add_argument("--output", help="ad hoc: output Parquet folder (required with --input)")
     parser.add_argument("--id-col", default="id", help="ad hoc: product id column (default id)")
     parser.add_argument("--text-col", default="title", help="ad hoc: title column (default title)")
     parser.add_argument("--group-col", help="ad hoc: product group column (per-group models)")
-    parser.add_argument("--format", choices=["csv", "json", "parquet"],
-                        help="ad hoc: input format (default: by extension, else parquet)")
+    parser.add_argument(
+        "--format",
+        choices=["csv", "json", "parquet"],
+        help="ad hoc: input format (default: by extension, else parquet)",
+    )
 
 
 def _neighbors_arguments(parser: argparse.ArgumentParser) -> None:
     """PRODUCT_ID comes before the overrides, so it is declared before them."""
     parser.add_argument("product_id", metavar="PRODUCT_ID", help="the product to start from")
     parser.add_argument("-k", type=int, default=10, help="how many neighbours (default 10)")
-    parser.add_argument("--version", type=int, default=None,
-                        help="embedding-table version whose index answers (default: latest)")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied last")
+        "--version",
+        type=int,
+        default=None,
+        help="embedding-table version whose index answers (default: latest)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied last"
+    )
 
 
 def _neighbors(config: Config, args: argparse.Namespace) -> str:
-    from pipelines.index import neighbours_report  # faiss loads only for this command
+    from pipelines.stages.index import (
+        neighbours_report,  # faiss loads only for this command
+    )
 
     return neighbours_report(config, args.product_id, args.k, args.version)
 
 
 def _embed(config: Config, args: argparse.Namespace) -> str:
-    from pipelines import tracking
-    from pipelines.embed import default_model_uri, embed_file  # torch loads only here
-    from pipelines.spark import get_spark
+    from pipelines.core import tracking
+    from pipelines.core.spark import get_spark
+    from pipelines.stages.embed import (  # torch loads only here
+        default_model_uri,
+        embed_file,
+    )
 
     if not (args.input and args.output):
         raise ConfigError("prodvec embed ad hoc needs both --input and --output")
     tracking.configure(config)
-    counts = embed_file(get_spark(config.spark), config,
-                        model_uri=default_model_uri(config), input_path=args.input,
-                        output=args.output, id_col=args.id_col, text_col=args.text_col,
-                        group_col=args.group_col, fmt=args.format)
+    counts = embed_file(
+        get_spark(config.spark),
+        config,
+        model_uri=default_model_uri(config),
+        input_path=args.input,
+        output=args.output,
+        id_col=args.id_col,
+        text_col=args.text_col,
+        group_col=args.group_col,
+        fmt=args.format,
+    )
     return f"embed {args.input} -> {args.output}: {counts}"
 
 
 def _vacuum(config: Config, table: str | None, hours: int | None, dry_run: bool) -> str:
-    from pipelines.delta import (  # deltalake loads only for this command
-        table_path,
-        vacuum,
-    )
+    from pipelines.table import vacuum  # deltalake loads only for this command
 
-    path = table or table_path(config)
+    path = table or config.outputs.table
     hours = config.embed.vacuum_retention_hours if hours is None else hours
     removed = vacuum(path, dry_run=dry_run, retention_hours=hours)
     verb = "would remove" if dry_run else "removed"

@@ -8,11 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import SparkConfig
-from pipelines.spark import get_spark
+from pipelines.core.config import SparkConfig
+from pipelines.core.spark import get_spark
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("PRODVEC_DATA", REPO.parent / "shared" / "data"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the whole embedded pipeline run (directly or through another
+    fixture) is an end-to-end test: the `slow` tier."""
+    for item in items:
+        if "embedded_pipeline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -35,13 +43,21 @@ def embedded_pipeline(spark, tmp_path_factory):
     """clean -> corpus -> shard -> train -> embed once on a 2,000-product synthetic catalog,
     for the stages downstream of the embedding table: (config, {stage: StageResult}).
     Read it, never write into it: every test of the session shares it."""
-    from pipelines.config import load_config
-    from pipelines.stages import run_stage
+    from pipelines.core.config import load_config
+    from pipelines.stages.registry import run_stage
 
     workdir = tmp_path_factory.mktemp("pipeline")
-    config = load_config(overrides=[
-        f"workdir={workdir}", "catalog.synthetic.rows=2000", "spark.shuffle_partitions=2",
-        "train.epochs=2", "word2vec.epochs=3"])
-    results = {name: run_stage(name, config, spark)
-               for name in ("clean", "corpus", "shard", "train", "embed")}
+    config = load_config(
+        overrides=[
+            f"workdir={workdir}",
+            "catalog.synthetic.rows=2000",
+            "spark.shuffle_partitions=2",
+            "train.epochs=2",
+            "word2vec.epochs=3",
+        ]
+    )
+    results = {
+        name: run_stage(name, config, spark)
+        for name in ("clean", "corpus", "shard", "train", "embed")
+    }
     return config, results

@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines import clean
-from pipelines.config import Config, load_config
-from pipelines.errors import CatalogError
-from pipelines.synthetic import generate_catalog, write_catalog
+from pipelines.core.config import Config, load_config
+from pipelines.core.errors import CatalogError
+from pipelines.data.catalog import read_clean
+from pipelines.data.synthetic import generate_catalog, write_catalog
+from pipelines.stages import clean
 
 HEADER = [
     "sku",
@@ -126,7 +127,7 @@ def bad_catalog(spark, tmp_path_factory):
         handle.write(RAW_BAD_BYTES)
     config = catalog_config(path, root / "work")
     result = clean.run(spark, config)
-    catalog = {r["product_id"]: r.asDict() for r in clean.read_clean(spark, config).collect()}
+    catalog = {r["product_id"]: r.asDict() for r in read_clean(spark, config).collect()}
     quarantine = spark.read.parquet(result.outputs["quarantine"]).collect()
     return result, catalog, quarantine
 
@@ -269,7 +270,7 @@ def test_synthetic_defects_land_where_expected(spark, tmp_path):
         frame["defect"].isin(["html_entity", "mojibake", "accents", "brand_spaces", "html_tags"]),
         "sku",
     ]
-    cleaned = {r["product_id"]: r for r in clean.read_clean(spark, config).collect()}
+    cleaned = {r["product_id"]: r for r in read_clean(spark, config).collect()}
     assert all(sku in cleaned for sku in repaired)
     assert all(cleaned[sku]["title"].isascii() for sku in repaired)
     assert result.rows["exact_duplicates"] == (frame["defect"] == "exact_duplicate").sum()
@@ -297,7 +298,7 @@ def test_real_catalogs(spark, shared_data, tmp_path, name, monkeypatch):
     assert rows["in"] == expected_rows
     assert rows["in"] == rows["clean"] + rows["quarantined"] + rows["exact_duplicates"]
     assert rows["clean"] >= 0.9 * rows["in"]
-    products = clean.read_clean(spark, config)
+    products = read_clean(spark, config)
     bad_text = products.filter(
         F.col("title").rlike(r"[^a-z0-9. ]")
         | F.col("title").contains("&")

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 
 from pipelines.cli import main
-from pipelines.stages import STAGES
+from pipelines.stages.registry import STAGES
 
 
 def test_config_command_prints_resolved_yaml(capsys):
@@ -29,6 +29,7 @@ def test_expected_failures_are_one_line_and_exit_2(argv, message, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_run_executes_built_stages_and_summarises(spark, tmp_path, capsys):
     argv = [
         "run",

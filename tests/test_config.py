@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipelines.config import Config, conf_dir, load_config, merge, parse_override
-from pipelines.errors import ConfigError
+from pipelines.core.config import Config, conf_dir, load_config, merge, parse_override
+from pipelines.core.errors import ConfigError
 
 OVERLAYS = sorted(path.stem for path in conf_dir().glob("*.yaml") if path.stem != "base")
 
@@ -119,3 +120,44 @@ def test_merge_is_deep_and_does_not_mutate():
 def test_digest_is_stable_and_sensitive():
     assert load_config().digest() == load_config().digest()
     assert load_config().digest() != load_config(overrides=["seed=1"]).digest()
+
+
+def _restated(layer: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Keys a YAML layer sets to exactly the value the settings classes already default to."""
+    found = []
+    for key, value in layer.items():
+        if key not in defaults:
+            continue
+        if isinstance(value, dict) and isinstance(defaults[key], dict):
+            found += _restated(value, defaults[key], f"{prefix}{key}.")
+        elif value == defaults[key]:
+            found.append(f"{prefix}{key}")
+    return found
+
+
+def test_base_yaml_restates_no_default():
+    """One source of defaults: the settings classes. conf/base.yaml only sets what belongs to
+    the embedded catalog, so a default changed in code is never silently shadowed."""
+    base = yaml.safe_load((conf_dir() / "base.yaml").read_text())
+    defaults = Config.model_construct().model_dump(mode="json", exclude={"catalog"})
+    defaults = {key: getattr(Config.model_fields[key], "default", None) for key in defaults}
+    defaults = {
+        key: value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+        for key, value in defaults.items()
+    }
+    assert _restated({k: v for k, v in base.items() if k != "catalog"}, defaults) == []
+
+
+def test_an_unknown_task_kind_or_model_type_names_the_known_ones():
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown task kind 'ordinal'; kinds are binary, "
+        r"decoding, multiclass, multilabel, regression",
+    ):
+        load_config(overrides=["shard.tasks=[{name: x, kind: ordinal, source: brand}]"])
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown model type 'bert'; model types are mrnet, "
+        r"mrnet_per_group, productnet",
+    ):
+        load_config(overrides=["train.model=bert"])

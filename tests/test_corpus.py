@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from gensim.models import KeyedVectors
 
-from pipelines.clean import CLEAN_SCHEMA
-from pipelines.config import Config, load_config
-from pipelines.corpus import EmptyVocabulary
-from pipelines.errors import ProdvecError
-from pipelines.stages import StageResult, run_stage
-from pipelines.tokenizer import Vocabulary, tokenize
+from pipelines.core.config import Config, load_config
+from pipelines.core.errors import EmptyVocabularyError, ProdvecError
+from pipelines.core.outputs import StageResult
+from pipelines.data.catalog import CLEAN_SCHEMA
+from pipelines.data.tokenizer import Vocabulary, tokenize
+from pipelines.stages.registry import run_stage
 
 # Planted structure: titles and descriptions draw words from one topic each.
 TOPICS = {
@@ -48,20 +48,41 @@ def _planted_rows(n: int = 3000) -> list[tuple]:
         if i % 10 == 0:
             description.append("descword")
         bullets = ["bulletword " + rng.choice(words), ""] if i % 3 == 0 else None
-        rows.append((
-            f"p{i}", " ".join(title), " ".join(title).upper(),
-            " ".join(description) if i % 7 else None, bullets, None, None, None, None,
-            "unknown", "en_US", None, None, f"h{i}", "planted",
-        ))
+        rows.append(
+            (
+                f"p{i}",
+                " ".join(title),
+                " ".join(title).upper(),
+                " ".join(description) if i % 7 else None,
+                bullets,
+                None,
+                None,
+                None,
+                None,
+                "unknown",
+                "en_US",
+                None,
+                None,
+                f"h{i}",
+                "planted",
+            )
+        )
     return rows
 
 
 def _config(workdir: Path, *overrides: str) -> Config:
-    return load_config(overrides=[
-        f"workdir={workdir}", f"word2vec.min_count={MIN_COUNT}", "word2vec.dims=24",
-        "word2vec.epochs=8", "word2vec.workers=2", "word2vec.neighbours=3",
-        "word2vec.probe_words=[Sneaker, skillet, zzzmissing]", *overrides,
-    ])
+    return load_config(
+        overrides=[
+            f"workdir={workdir}",
+            f"word2vec.min_count={MIN_COUNT}",
+            "word2vec.dims=24",
+            "word2vec.epochs=8",
+            "word2vec.workers=2",
+            "word2vec.neighbours=3",
+            "word2vec.probe_words=[Sneaker, skillet, zzzmissing]",
+            *overrides,
+        ]
+    )
 
 
 def _expected_counts(rows: list[tuple], fields: list[str]) -> Counter:
@@ -80,8 +101,7 @@ def _expected_counts(rows: list[tuple], fields: list[str]) -> Counter:
 def planted(spark, tmp_path_factory) -> tuple[Config, list[tuple], StageResult]:
     config = _config(tmp_path_factory.mktemp("planted"))
     rows = _planted_rows()
-    spark.createDataFrame(rows, CLEAN_SCHEMA).write.parquet(
-        str(config.stage_dir("clean") / "catalog"))
+    spark.createDataFrame(rows, CLEAN_SCHEMA).write.parquet(str(config.outputs.clean_catalog))
     return config, rows, run_stage("corpus", config, spark)
 
 
@@ -94,7 +114,7 @@ def test_corpus_is_one_document_a_line(planted):
     assert sorted(lines) == sorted(expected)
     assert result.rows["documents"] == len(expected)
     assert result.rows["words"] == sum(len(line.split(" ")) for line in expected)
-    assert not (config.stage_dir("corpus") / "train-corpus.txt").exists()
+    assert not (config.outputs.corpus / "train-corpus.txt").exists()
 
 
 def test_vocabulary_is_the_count_of_the_corpus(planted):
@@ -139,8 +159,12 @@ def test_neighbour_table_lists_probe_words_in_the_vocabulary(planted):
     assert lines[0] == "probe\trank\tneighbour\tsimilarity"
     table = [line.split("\t") for line in lines[1:]]
     assert [(probe, int(rank)) for probe, rank, _, _ in table] == [
-        ("sneaker", 1), ("sneaker", 2), ("sneaker", 3),
-        ("skillet", 1), ("skillet", 2), ("skillet", 3),
+        ("sneaker", 1),
+        ("sneaker", 2),
+        ("sneaker", 3),
+        ("skillet", 1),
+        ("skillet", 2),
+        ("skillet", 3),
     ]  # probes are lower-cased; "zzzmissing" has no vector and no rows
     similarities = [float(row[3]) for row in table[:3]]
     assert similarities == sorted(similarities, reverse=True)
@@ -150,8 +174,11 @@ def test_neighbour_table_lists_probe_words_in_the_vocabulary(planted):
 def test_mlflow_run_holds_metrics_per_epoch_and_artifacts(planted):
     config, _, result = planted
     mlflow.set_tracking_uri(f"sqlite:///{config.workdir / 'mlflow.db'}")
-    run = mlflow.search_runs(experiment_names=["prodvec"], output_format="list",
-                             filter_string="tags.`prodvec.stage` = 'corpus'")[0]
+    run = mlflow.search_runs(
+        experiment_names=["prodvec"],
+        output_format="list",
+        filter_string="tags.`prodvec.stage` = 'corpus'",
+    )[0]
     metrics = run.data.metrics
     assert metrics["vocabulary_size"] == result.rows["vocabulary"]
     assert metrics["corpus_words"] == result.rows["words"]
@@ -180,8 +207,7 @@ def test_rerun_gives_the_same_vocabulary(planted, spark):
 def test_fields_choose_the_text_that_feeds_the_corpus(planted, spark, tmp_path):
     _, rows, _ = planted
     config = _config(tmp_path, "word2vec.fields=[title, bullets]", "word2vec.algorithm=skipgram")
-    spark.createDataFrame(rows, CLEAN_SCHEMA).write.parquet(
-        str(config.stage_dir("clean") / "catalog"))
+    spark.createDataFrame(rows, CLEAN_SCHEMA).write.parquet(str(config.outputs.clean_catalog))
     result = run_stage("corpus", config, spark)
     vocabulary = Vocabulary.load(Path(result.outputs["vocabulary"]))
     counts = _expected_counts(rows, ["title", "bullets"])
@@ -199,13 +225,14 @@ def test_fields_choose_the_text_that_feeds_the_corpus(planted, spark, tmp_path):
 def test_no_word_above_min_count_fails_clearly(planted, spark, tmp_path, override, message):
     _, rows, _ = planted
     config = _config(tmp_path, override)
-    spark.createDataFrame([row for row in rows[:50] if row[4] is None], CLEAN_SCHEMA) \
-        .write.parquet(str(config.stage_dir("clean") / "catalog"))
-    with pytest.raises(EmptyVocabulary, match=message) as error:
+    spark.createDataFrame([row for row in rows[:50] if row[4] is None], CLEAN_SCHEMA).write.parquet(
+        str(config.outputs.clean_catalog)
+    )
+    with pytest.raises(EmptyVocabularyError, match=message) as error:
         run_stage("corpus", config, spark)
     assert isinstance(error.value, ProdvecError)
     assert "lower min_count or add fields" in str(error.value)
-    assert not (config.stage_dir("corpus") / "word2vec.kv").exists()
+    assert not (config.outputs.word2vec).exists()
 
 
 # --- real catalogs through the clean stage ---------------------------------------------
@@ -215,8 +242,10 @@ def _cooccurrence_gap(spark, config: Config, result: StageResult) -> tuple[float
     """Mean cosine of word pairs that often share a title, and of random vocabulary pairs."""
     vectors = KeyedVectors.load(result.outputs["vectors"])
     vocabulary = set(vectors.index_to_key)
-    titles = [row["title"] for row in spark.read.parquet(
-        str(config.stage_dir("clean") / "catalog")).select("title").collect()]
+    titles = [
+        row["title"]
+        for row in spark.read.parquet(str(config.outputs.clean_catalog)).select("title").collect()
+    ]
     single: Counter = Counter()
     pairs: Counter = Counter()
     for title in titles:
@@ -224,8 +253,11 @@ def _cooccurrence_gap(spark, config: Config, result: StageResult) -> tuple[float
         single.update(words)
         pairs.update(itertools.combinations(words, 2))
     # Pairs seen together in at least half the titles of the rarer word, and often.
-    strong = [(pair, n) for pair, n in pairs.items()
-              if n >= 10 and n >= 0.5 * min(single[pair[0]], single[pair[1]])]
+    strong = [
+        (pair, n)
+        for pair, n in pairs.items()
+        if n >= 10 and n >= 0.5 * min(single[pair[0]], single[pair[1]])
+    ]
     strong = [pair for pair, _ in sorted(strong, key=lambda item: (-item[1], item[0]))[:300]]
     rng = random.Random(5)
     words = sorted(vocabulary)

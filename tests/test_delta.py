@@ -16,13 +16,18 @@ from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
 from pipelines.cli import main
-from pipelines.config import load_config
-from pipelines.delta import TABLE_SCHEMA, EmbeddingTable, table_path, vacuum
-from pipelines.errors import ConfigError, TableError
+from pipelines.core.config import load_config
+from pipelines.core.errors import ConfigError, TableError
+from pipelines.table import TABLE_SCHEMA, EmbeddingTable, vacuum
 
 DIM = 8
-MODEL = {"model_uri": "models:/prodvec-test/1", "model_name": "prodvec-test",
-         "model_version": "1", "config_hash": "cafe01", "dimension": DIM}
+MODEL = {
+    "model_uri": "models:/prodvec-test/1",
+    "model_name": "prodvec-test",
+    "model_version": "1",
+    "config_hash": "cafe01",
+    "dimension": DIM,
+}
 
 
 def catalog_rows(ids, tag: str = "a") -> list[tuple[str, str]]:
@@ -34,12 +39,14 @@ def embed(spark, rows: list[tuple[str, str]], seed: int, dimension: int = DIM):
     vectors = np.random.default_rng(seed).normal(size=(len(rows), dimension)).astype("float32")
     data = [(pid, chash, vector.tolist()) for (pid, chash), vector in zip(rows, vectors)]
     return spark.createDataFrame(
-        data, "product_id string, content_hash string, embedding array<float>")
+        data, "product_id string, content_hash string, embedding array<float>"
+    )
 
 
 def commit(table: EmbeddingTable, frame, app_id: str, mode: str = "full", **kwargs):
-    return table.commit(frame, app_id=app_id, run_id=f"mlflow-{app_id}", mode=mode,
-                        **{**MODEL, **kwargs})
+    return table.commit(
+        frame, app_id=app_id, run_id=f"mlflow-{app_id}", mode=mode, **{**MODEL, **kwargs}
+    )
 
 
 def read(path: Path, version: int | None = None) -> dict[str, dict]:
@@ -48,12 +55,15 @@ def read(path: Path, version: int | None = None) -> dict[str, dict]:
 
 
 def parquet_on_disk(path: Path) -> set[str]:
-    return {str(p.relative_to(path)) for p in (path / "data").rglob("*.parquet")
-            if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)}
+    return {
+        str(p.relative_to(path))
+        for p in (path / "data").rglob("*.parquet")
+        if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+    }
 
 
 def snapshot_paths(table: EmbeddingTable, version: int | None = None) -> set[str]:
-    return {f[len(table.uri) + 1:] for f in table.snapshot(version).files}
+    return {f[len(table.uri) + 1 :] for f in table.snapshot(version).files}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +123,10 @@ def test_duckdb_reads_versions_through_the_delta_extension(two_versions):
     connection.load_extension(str(binary))
     query = "select count(*), min(len(embedding)), max(len(embedding)) from delta_scan(?{})"
     assert connection.execute(query.format(", version => 0"), [str(path)]).fetchone() == (
-        2000, DIM, DIM)
+        2000,
+        DIM,
+        DIM,
+    )
     assert connection.execute(query.format(""), [str(path)]).fetchone() == (1500, DIM, DIM)
 
 
@@ -152,8 +165,7 @@ def test_rerun_of_a_committed_app_id_commits_and_writes_nothing(spark, tmp_path)
     table = EmbeddingTable(path)
     commit(table, embed(spark, catalog_rows(range(300)), seed=1), "nightly-2026-11-22")
     files = parquet_on_disk(path)
-    again = commit(table, embed(spark, catalog_rows(range(500), "b"), seed=2),
-                   "nightly-2026-11-22")
+    again = commit(table, embed(spark, catalog_rows(range(500), "b"), seed=2), "nightly-2026-11-22")
     assert (again.committed, again.version, again.rows, again.embedded_rows) == (False, 0, 300, 0)
     assert table.version() == 0 and parquet_on_disk(path) == files
     assert len(DeltaTable(str(path)).history()) == 1
@@ -165,8 +177,9 @@ def _write_file(path: Path, table: pa.Table) -> Path:
     return path
 
 
-def _contract_table(n: int, dimension: int = DIM, double: bool = False,
-                    drop: str | None = None) -> pa.Table:
+def _contract_table(
+    n: int, dimension: int = DIM, double: bool = False, drop: str | None = None
+) -> pa.Table:
     vectors = np.random.default_rng(3).normal(size=(n, dimension))
     columns = {
         "product_id": pa.array([f"x{i}" for i in range(n)]),
@@ -182,8 +195,10 @@ def _contract_table(n: int, dimension: int = DIM, double: bool = False,
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (_contract_table(20, double=True),
-         r"embedding is list<element: double>, expected list<float>"),
+        (
+            _contract_table(20, double=True),
+            r"embedding is list<element: double>, expected list<float>",
+        ),
         (_contract_table(20, dimension=DIM + 1), rf"embedding dimension is not {DIM}"),
         (_contract_table(20, drop="content_hash"), r"missing column content_hash"),
     ],
@@ -210,15 +225,20 @@ def test_bad_embeddings_are_refused_and_their_staged_files_removed(spark, tmp_pa
     frame = embed(spark, catalog_rows(range(100, 150)), seed=2)
 
     with_nan = frame.withColumn(
-        "embedding", F.when(F.col("product_id") == "p00120",
-                            F.array_repeat(F.lit(float("nan")).cast("float"), DIM))
-        .otherwise(F.col("embedding")))
+        "embedding",
+        F.when(
+            F.col("product_id") == "p00120", F.array_repeat(F.lit(float("nan")).cast("float"), DIM)
+        ).otherwise(F.col("embedding")),
+    )
     with pytest.raises(TableError, match=r"1 embeddings hold NaN"):
         commit(table, with_nan, "run-1", mode="incremental")
 
     ragged = frame.withColumn(
-        "embedding", F.when(F.col("product_id") == "p00101", F.slice("embedding", 1, DIM - 1))
-        .otherwise(F.col("embedding")))
+        "embedding",
+        F.when(F.col("product_id") == "p00101", F.slice("embedding", 1, DIM - 1)).otherwise(
+            F.col("embedding")
+        ),
+    )
     with pytest.raises(TableError, match=rf"sizes range {DIM - 1}\.\.{DIM}|dimension is not"):
         commit(table, ragged, "run-1", mode="incremental")
 
@@ -245,14 +265,21 @@ def test_incremental_refresh_reembeds_exactly_the_changed_and_new_products(spark
     assert first.files_added >= 5
 
     # Changes and deletions all inside one data file: only that file may be rewritten.
-    located = (table.read_spark(spark).select("product_id", F.col("_metadata.file_path"))
-               .orderBy("product_id").collect())
+    located = (
+        table.read_spark(spark)
+        .select("product_id", F.col("_metadata.file_path"))
+        .orderBy("product_id")
+        .collect()
+    )
     one_file = located[0].file_path
     in_file = [row.product_id for row in located if row.file_path == one_file]
     changed, deleted = set(in_file[:37]), set(in_file[37:60])
     added = catalog_rows(range(5000, 5050))
-    catalog = [(pid, chash + "-v2" if pid in changed else chash)
-               for pid, chash in old_rows if pid not in deleted] + added
+    catalog = [
+        (pid, chash + "-v2" if pid in changed else chash)
+        for pid, chash in old_rows
+        if pid not in deleted
+    ] + added
     catalog_frame = spark.createDataFrame(catalog, "product_id string, content_hash string")
 
     plan = table.plan_refresh(spark, catalog_frame, model_name="prodvec-test", model_version="1")
@@ -261,13 +288,13 @@ def test_incremental_refresh_reembeds_exactly_the_changed_and_new_products(spark
     assert {pid for pid, _ in to_embed} == changed | {pid for pid, _ in added}
     assert {row.product_id for row in plan.deleted.collect()} == deleted
 
-    result = commit(table, embed(spark, to_embed, seed=2), "run-1", mode="incremental",
-                    deleted=plan.deleted)
+    result = commit(
+        table, embed(spark, to_embed, seed=2), "run-1", mode="incremental", deleted=plan.deleted
+    )
     assert (result.version, result.embedded_rows, result.removed_rows) == (1, 37 + 50, 37 + 23)
     assert result.rows == 2000 - 23 + 50 and result.carried_rows == 2000 - 37 - 23
     assert result.files_removed == 1 and result.rewritten_rows == len(in_file) - 60
-    assert snapshot_paths(table, 0) - snapshot_paths(table) == {
-        one_file.split(str(path) + "/")[-1]}
+    assert snapshot_paths(table, 0) - snapshot_paths(table) == {one_file.split(str(path) + "/")[-1]}
 
     before, after = read(path, 0), read(path)
     assert set(after) == {pid for pid, _ in catalog}
@@ -277,8 +304,7 @@ def test_incremental_refresh_reembeds_exactly_the_changed_and_new_products(spark
     assert all(after[pid]["embedded_at"] == before[pid]["embedded_at"] for pid in unchanged)
     assert all(after[pid]["embedding"] != before[pid]["embedding"] for pid in changed)
 
-    again = table.plan_refresh(spark, catalog_frame, model_name="prodvec-test",
-                               model_version="1")
+    again = table.plan_refresh(spark, catalog_frame, model_name="prodvec-test", model_version="1")
     assert again.to_embed.count() == 0 and again.deleted.count() == 0
 
 
@@ -293,8 +319,9 @@ def test_a_new_model_means_a_full_refresh(spark, tmp_path):
     assert plan.deleted is None and plan.to_embed.count() == 200
     v2 = {**MODEL, "model_version": "2"}
     with pytest.raises(TableError, match="would mix models; run a full refresh"):
-        table.commit(embed(spark, rows[:10], seed=2), app_id="run-1", run_id="r", mode="incremental",
-                     **v2)
+        table.commit(
+            embed(spark, rows[:10], seed=2), app_id="run-1", run_id="r", mode="incremental", **v2
+        )
     result = table.commit(embed(spark, rows, seed=2), app_id="run-1", run_id="r", mode="full", **v2)
     assert (result.version, result.rows) == (1, 200)
     assert {row["model_version"] for row in read(path).values()} == {"2"}
@@ -316,12 +343,19 @@ def test_concurrent_commits_do_not_lose_rows(spark, tmp_path):
                 both_planned.wait()
 
         rows = catalog_rows(changed, name) + catalog_rows(new, name)
-        return commit(EmbeddingTable(path), embed(spark, rows, seed=seed), f"run-{name}",
-                      mode="incremental", before_commit=meet)
+        return commit(
+            EmbeddingTable(path),
+            embed(spark, rows, seed=seed),
+            f"run-{name}",
+            mode="incremental",
+            before_commit=meet,
+        )
 
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(writer, "x", range(50), range(1000, 1100), 2),
-                   pool.submit(writer, "y", range(50, 100), range(1100, 1200), 3)]
+        futures = [
+            pool.submit(writer, "x", range(50), range(1000, 1100), 2),
+            pool.submit(writer, "y", range(50, 100), range(1100, 1200), 3),
+        ]
         results = [future.result() for future in futures]
 
     assert all(result.committed for result in results)
@@ -343,11 +377,12 @@ def test_delta_spark_writer_without_its_jar_fails_naming_the_package(spark, tmp_
 
 
 def test_config_names_the_table_and_its_writer(tmp_path):
-    config = load_config(["local"], [f"workdir={tmp_path}", "embed.rows_per_file=1000",
-                                     "embed.writer=delta-spark"])
+    config = load_config(
+        ["local"], [f"workdir={tmp_path}", "embed.rows_per_file=1000", "embed.writer=delta-spark"]
+    )
     table = EmbeddingTable.from_config(config)
-    assert table.uri == str(tmp_path / "synthetic" / "embed" / "table") == table_path(config)
-    assert (table.rows_per_file, table.writer) == (1000, "delta-spark")
+    assert table.uri == str(tmp_path / "synthetic" / "embed" / "table") == config.outputs.table
+    assert (table.files.rows_per_file, table.writer) == (1000, "delta-spark")
     with pytest.raises(ConfigError, match="embed.writer"):
         load_config(["local"], ["embed.writer=parquet"])
 

@@ -32,21 +32,28 @@ import torch
 import yaml
 from deltalake import DeltaTable
 
-from pipelines import clean
-from pipelines.config import load_config
-from pipelines.delta import EmbeddingTable, vacuum
-from pipelines.stages import STAGES
+from pipelines.core.config import load_config
+from pipelines.stages import clean
+from pipelines.stages.registry import STAGES
+from pipelines.table import EmbeddingTable, vacuum
 
 REPO = Path(__file__).resolve().parent.parent
 SPARK_SUBMIT = Path(pyspark.__file__).parent / "bin" / "spark-submit"
 BUILT = [stage.name for stage in STAGES]
 ROWS = 400
 # The cluster overlay as a scheduler passes it, plus what makes it small and local.
-OVERRIDES = [f"catalog.synthetic.rows={ROWS}", "spark.shuffle_partitions=2", "word2vec.epochs=2",
-             "train.epochs=2", "train.batch_size=16", "train.checkpoint_every_steps=2"]
+OVERRIDES = [
+    f"catalog.synthetic.rows={ROWS}",
+    "spark.shuffle_partitions=2",
+    "word2vec.epochs=2",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.checkpoint_every_steps=2",
+]
 # Downstream stages' own small settings, passed to their job only (they may be absent).
-STAGE_OVERRIDES = {"evaluate": ["evaluate.folds=2", "evaluate.forest_trees=10",
-                                "evaluate.tsne_rows=0"]}
+STAGE_OVERRIDES = {
+    "evaluate": ["evaluate.folds=2", "evaluate.forest_trees=10", "evaluate.tsne_rows=0"]
+}
 
 
 @dataclass
@@ -68,17 +75,30 @@ class Chain:
 
     @property
     def config(self):
-        return load_config(["cluster"], [*OVERRIDES, f"workdir={self.workdir}",
-                                         f"tracking.uri=sqlite:///{self.root / 'mlflow.db'}"])
+        return load_config(
+            ["cluster"],
+            [
+                *OVERRIDES,
+                f"workdir={self.workdir}",
+                f"tracking.uri=sqlite:///{self.root / 'mlflow.db'}",
+            ],
+        )
 
 
 def _environment(release: Path, root: Path, fault: str | None) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("PYSPARK_GATEWAY", "PRODVEC_"))}
-    env.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
-               SPARK_LOCAL_IP="127.0.0.1", PRODVEC_CONF_DIR=str(release / "conf"),
-               PRODVEC_WORKDIR=str(root / "work"),
-               MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PYSPARK_GATEWAY", "PRODVEC_"))
+    }
+    env.update(
+        PYSPARK_PYTHON=sys.executable,
+        PYSPARK_DRIVER_PYTHON=sys.executable,
+        SPARK_LOCAL_IP="127.0.0.1",
+        PRODVEC_CONF_DIR=str(release / "conf"),
+        PRODVEC_WORKDIR=str(root / "work"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+    )
     if fault:
         env["PRODVEC_INJECT_FAULT"] = fault
     return env
@@ -87,26 +107,43 @@ def _environment(release: Path, root: Path, fault: str | None) -> dict[str, str]
 def _command(release: Path, stage: str, root: Path) -> list[str]:
     """What a scheduler runs: spark-submit <job> --conf cluster <overrides>."""
     archive = next(release.glob("prodvec-*.zip"))
-    return [str(SPARK_SUBMIT), "--master", "local[2,2]", "--py-files", str(archive),
-            "--conf", ("spark.driver.extraJavaOptions=-Dlog4j2.configurationFile="
-                       f"file:{release / 'conf' / 'log4j2.properties'}"),
-            str(release / "jobs" / f"{stage}.py"), "--conf", "cluster", *OVERRIDES,
-            *STAGE_OVERRIDES.get(stage, []),
-            f"tracking.artifact_location={(root / 'work' / 'mlartifacts').as_uri()}"]
+    return [
+        str(SPARK_SUBMIT),
+        "--master",
+        "local[2,2]",
+        "--py-files",
+        str(archive),
+        "--conf",
+        (
+            "spark.driver.extraJavaOptions=-Dlog4j2.configurationFile="
+            f"file:{release / 'conf' / 'log4j2.properties'}"
+        ),
+        str(release / "jobs" / f"{stage}.py"),
+        "--conf",
+        "cluster",
+        *OVERRIDES,
+        *STAGE_OVERRIDES.get(stage, []),
+        f"tracking.artifact_location={(root / 'work' / 'mlartifacts').as_uri()}",
+    ]
 
 
-def _submit(release: Path, stage: str, root: Path, fault: str | None = None,
-            kill_when=None) -> Submitted:
+def _submit(
+    release: Path, stage: str, root: Path, fault: str | None = None, kill_when=None
+) -> Submitted:
     """Run one job to its end, or SIGKILL it and all its processes once `kill_when(output)`."""
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     log = logs / f"{stage}-{len(list(logs.glob(f'{stage}-*.log')))}.log"
     started = time.perf_counter()
     with open(log, "w") as output:
-        process = subprocess.Popen(_command(release, stage, root), cwd=root, stdout=output,
-                                   stderr=subprocess.STDOUT,
-                                   env=_environment(release, root, fault),
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            _command(release, stage, root),
+            cwd=root,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=_environment(release, root, fault),
+            start_new_session=True,
+        )
         while kill_when is not None and process.poll() is None:
             if kill_when(log.read_text()):
                 _kill_tree(process.pid)
@@ -145,21 +182,36 @@ def _kill_tree(pid: int) -> None:
 
 def _mid_epoch_checkpoint(run_dir: Path):
     """kill_when for training: a checkpoint saved in the middle of an epoch exists."""
+
     def ready(_output: str) -> bool:
         last = run_dir / "last.pt"
         try:
             return torch.load(last, map_location="cpu", weights_only=True)["step"] > 0
         except (FileNotFoundError, EOFError, RuntimeError):
             return False
+
     return ready
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
-    """`make dist`, then the wheel's archive, conf/ and jobs/ copied together, as the job
-    image copies them: code and configuration from one moment of the checkout."""
-    subprocess.run(["make", "dist"], cwd=REPO, check=True, capture_output=True)
-    wheels = sorted((REPO / "dist").glob("prodvec-*.whl"))
+    """`make dist` on a copy of the checkout (nothing is written inside the checkout), then
+    the wheel's archive, conf/ and jobs/ copied together, as the job image copies them: code
+    and configuration from one moment of the checkout."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("Makefile", "setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("pipelines", "models"):
+        shutil.copytree(
+            REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    subprocess.run(
+        ["make", "dist", f"VENV={Path(sys.executable).parent.parent}"],
+        cwd=source,
+        check=True,
+        capture_output=True,
+    )
+    wheels = sorted((source / "dist").glob("prodvec-*.whl"))
     assert len(wheels) == 1
     folder = tmp_path_factory.mktemp("release")
     for name in ("conf", "jobs"):
@@ -187,22 +239,30 @@ def chain(release, tmp_path_factory) -> Chain:
             continue  # test_every_built_stage_has_a_job says so
         if stage == "train":
             run_dir = workdir / "synthetic" / "train" / "model"
-            runs.append(_submit(release, stage, root,
-                                kill_when=_mid_epoch_checkpoint(run_dir)))
+            runs.append(_submit(release, stage, root, kill_when=_mid_epoch_checkpoint(run_dir)))
         if stage == "embed":
-            runs.append(_submit(release, stage, root, fault="embed:hang-commit",
-                                kill_when=lambda err: "injected hang-commit" in err))
+            runs.append(
+                _submit(
+                    release,
+                    stage,
+                    root,
+                    fault="embed:hang-commit",
+                    kill_when=lambda err: "injected hang-commit" in err,
+                )
+            )
         fault = f"{stage}:fail" if stage in ("clean", "embed") else None
         runs.append(_submit(release, stage, root, fault=fault))
         assert runs[-1].returncode == 0, f"{stage} failed:\n{runs[-1].output[-3000:]}"
     return Chain(root, workdir, runs)
 
 
+@pytest.mark.spark_submit
 def test_dist_builds_a_wheel_with_the_packages(archive):
     import zipfile
 
     names = zipfile.ZipFile(archive.with_suffix(".whl")).namelist()
     assert "pipelines/cli.py" in names and "models/mrnet.py" in names
+    assert "pipelines/data/taxonomy.yaml" in names  # package data: the synthetic catalog
     assert archive.read_bytes() == archive.with_suffix(".whl").read_bytes()
 
 
@@ -211,25 +271,29 @@ def test_every_built_stage_has_a_job():
     assert not missing, f"built stages without jobs/<stage>.py: {missing}"
 
 
+@pytest.mark.spark_submit
 def test_every_stage_ran_from_the_wheel_and_exited_0(chain, archive):
     finished = [run for run in chain.runs if run.returncode == 0]
     assert [run.stage for run in finished] == [
-        name for name in BUILT if (REPO / "jobs" / f"{name}.py").is_file()]
+        name for name in BUILT if (REPO / "jobs" / f"{name}.py").is_file()
+    ]
     for run in finished:
         # The driver imported the archive spark-submit shipped, not the checkout.
-        assert re.search(rf"prodvec \S+ from \S*/{re.escape(archive.name)}/pipelines",
-                         run.output), run.output[:2000]
+        assert re.search(
+            rf"prodvec \S+ from \S*/{re.escape(archive.name)}/pipelines", run.output
+        ), run.output[:2000]
         assert f"{run.stage}: {{" in run.output  # the CLI's one-line result
     times = ", ".join(f"{run.stage} {run.seconds:.0f}s rc={run.returncode}" for run in chain.runs)
     print(f"spark-submit chain: {times}")
 
 
+@pytest.mark.spark_submit
 def test_outputs_of_the_chain(chain):
     config = chain.config
-    catalog = pq.read_table(config.stage_dir("clean") / "catalog")
+    catalog = pq.read_table(config.outputs.clean_catalog)
     assert 0 < catalog.num_rows <= ROWS
-    assert (config.stage_dir("corpus") / "word2vec.kv").is_file()
-    assert (config.stage_dir("shard") / "manifest.json").is_file()
+    assert (config.outputs.word2vec).is_file()
+    assert (config.outputs.shards / "manifest.json").is_file()
     table = EmbeddingTable.from_config(config)
     assert table.version() == 0
     snapshot = table.snapshot()
@@ -238,19 +302,21 @@ def test_outputs_of_the_chain(chain):
     assert str(commit).count("models:/prodvec-mrnet-synthetic/1") >= 1
 
 
+@pytest.mark.spark_submit
 def test_a_task_failing_once_is_retried_and_clean_output_equals_an_unfailed_run(
-        chain, spark, archive, tmp_path):
+    chain, spark, archive, tmp_path
+):
     retried = chain.run("clean")
     assert "prodvec: injected fail in stage clean" in retried.output
     # The failed attempt ran the archive's code on the executor, and Spark retried it.
-    assert f"{archive.name}/pipelines/faults.py" in retried.output
+    assert f"{archive.name}/pipelines/core/faults.py" in retried.output
     assert re.search(r"Lost task \d+\.0 in stage", retried.output), retried.output[-3000:]
     assert "InjectedFault" in retried.output
     unfailed = load_config(overrides=[*OVERRIDES, f"workdir={tmp_path}"])
     clean.run(spark, unfailed)
     for output in ("catalog", "quarantine"):
-        ours = pq.read_table(chain.config.stage_dir("clean") / output)
-        reference = pq.read_table(unfailed.stage_dir("clean") / output)
+        ours = pq.read_table(chain.config.outputs.stage("clean") / output)
+        reference = pq.read_table(unfailed.outputs.stage("clean") / output)
         key = "product_id" if output == "catalog" else "source_row"
         ours, reference = ours.sort_by(key), reference.sort_by(key)
         if output == "quarantine":  # the source file's folder is each run's own workdir
@@ -261,9 +327,11 @@ def test_a_task_failing_once_is_retried_and_clean_output_equals_an_unfailed_run(
 def _rows(files: list[str]) -> pa.Table:
     table = pa.concat_tables([pq.read_table(f) for f in files])
     return table.select(["product_id", "content_hash", "model_version", "embedding"]).sort_by(
-        "product_id")
+        "product_id"
+    )
 
 
+@pytest.mark.spark_submit
 def test_embed_killed_before_commit_leaves_no_version_and_its_retry_equals_it(chain):
     killed, retried = chain.run("embed", 0), chain.run("embed", 1)
     assert killed.returncode == -signal.SIGKILL
@@ -275,20 +343,22 @@ def test_embed_killed_before_commit_leaves_no_version_and_its_retry_equals_it(ch
     table = EmbeddingTable.from_config(chain.config)
     assert table.version() == 0 and len(DeltaTable(table.uri).history()) == 1
     committed = set(table.snapshot().files)
-    orphans = sorted({str(Path(table.uri) / name)
-                      for name in vacuum(table.uri, dry_run=True, retention_hours=0)})
+    orphans = sorted(
+        {str(Path(table.uri) / name) for name in vacuum(table.uri, dry_run=True, retention_hours=0)}
+    )
     # The killed run's files: written in full, never visible, and the same rows as the
     # committed version that went through a failed-and-retried task.
     assert orphans and not committed & set(orphans)
     assert _rows(orphans).equals(_rows(sorted(committed)))
 
 
+@pytest.mark.spark_submit
 def test_training_killed_mid_epoch_resumes_when_retried(chain):
     import json
 
     killed, retried = chain.run("train", 0), chain.run("train", 1)
     assert killed.returncode == -signal.SIGKILL
-    result = json.loads((chain.config.stage_dir("train") / "model" / "result.json").read_text())
+    result = json.loads((chain.config.outputs.training / "model" / "result.json").read_text())
     assert result["resumed_from"] is not None, result
     resumed = result["resumed_from"]["global_step"]
     assert 0 < resumed and result["steps_this_run"] == result["global_step"] - resumed
@@ -321,13 +391,18 @@ def _constants(module: ast.Module) -> dict[str, object]:
 
 
 def _function(module: ast.Module, name: str) -> ast.FunctionDef:
-    return next(node for node in module.body
-                if isinstance(node, ast.FunctionDef) and node.name == name)
+    return next(
+        node for node in module.body if isinstance(node, ast.FunctionDef) and node.name == name
+    )
 
 
 def _calls(node: ast.AST, name: str) -> list[ast.Call]:
-    return [call for call in ast.walk(node) if isinstance(call, ast.Call)
-            and getattr(call.func, "id", getattr(call.func, "attr", None)) == name]
+    return [
+        call
+        for call in ast.walk(node)
+        if isinstance(call, ast.Call)
+        and getattr(call.func, "id", getattr(call.func, "attr", None)) == name
+    ]
 
 
 def dag_graph() -> dict[str, dict[str, object]]:
@@ -340,8 +415,10 @@ def dag_graph() -> dict[str, dict[str, object]]:
     keywords = {kw.arg: kw.value for kw in dag_call.keywords}
     assert ast.unparse(keywords["schedule"]) == "SCHEDULES[dag_id]"
     # tasks = [submit(stage) for stage in stages]; for a, b in pairwise(tasks): a >> b
-    assert any(isinstance(node, ast.ListComp) and ast.unparse(node.elt) == "submit(stage)"
-               for node in ast.walk(build))
+    assert any(
+        isinstance(node, ast.ListComp) and ast.unparse(node.elt) == "submit(stage)"
+        for node in ast.walk(build)
+    )
     loop = next(node for node in ast.walk(build) if isinstance(node, ast.For))
     assert ast.unparse(loop.iter) == "pairwise(tasks)"
     assert ast.unparse(loop.body[0]) == "upstream >> downstream"
@@ -350,8 +427,11 @@ def dag_graph() -> dict[str, dict[str, object]]:
         if call in _calls(build, "build"):
             continue
         dag_id, stages = ast.literal_eval(call.args[0]), constants[call.args[1].id]
-        graphs[dag_id] = {"schedule": constants["SCHEDULES"][dag_id], "tasks": list(stages),
-                          "edges": list(pairwise(stages))}
+        graphs[dag_id] = {
+            "schedule": constants["SCHEDULES"][dag_id],
+            "tasks": list(stages),
+            "edges": list(pairwise(stages)),
+        }
     return graphs
 
 
@@ -369,18 +449,25 @@ def test_dag_file_is_valid_python_with_spark_submit_tasks():
     assert not re.search(r"(?i)(token|password|secret_key)\s*[:=]", keywords["env_vars"])
 
 
-@pytest.mark.parametrize(("dag_id", "schedule", "edges"), [
-    ("prodvec_daily", "@daily", [("clean", "embed")]),
-    ("prodvec_weekly_retrain", "@weekly",
-     [("clean", "corpus"), ("corpus", "shard"), ("shard", "train"), ("train", "embed")]),
-])
+@pytest.mark.parametrize(
+    ("dag_id", "schedule", "edges"),
+    [
+        ("prodvec_daily", "@daily", [("clean", "embed")]),
+        (
+            "prodvec_weekly_retrain",
+            "@weekly",
+            [("clean", "corpus"), ("corpus", "shard"), ("shard", "train"), ("train", "embed")],
+        ),
+    ],
+)
 def test_dag_task_graph_and_schedule(dag_id, schedule, edges):
     graph = dag_graph()[dag_id]
     assert graph["schedule"] == schedule
-    assert graph["edges"][:len(edges)] == edges
+    assert graph["edges"][: len(edges)] == edges
     tasks = graph["tasks"]
     assert tasks == [name for name in BUILT if name in tasks], (
-        "every task is a built stage, in data-flow order")
+        "every task is a built stage, in data-flow order"
+    )
     assert all((REPO / "jobs" / f"{name}.py").is_file() for name in tasks)
 
 
@@ -388,14 +475,25 @@ def test_daily_dag_embeds_incrementally_and_idempotently():
     module = _dag_module()
     graphs = dag_graph()
     assert "train" not in graphs["prodvec_daily"]["tasks"]  # same model: incremental embed
-    arguments = next(node for node in module.body if isinstance(node, ast.Assign)
-                     and getattr(node.targets[0], "id", "") == "STAGE_ARGUMENTS")
+    arguments = next(
+        node
+        for node in module.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "STAGE_ARGUMENTS"
+    )
     # One commit id per DAG run: a retried embed never commits the same day twice.
     assert re.search(r"embed\.app_id=.*\{\{ ds \}\}", ast.unparse(arguments.value))
-    default_args = next(node for node in module.body if isinstance(node, ast.Assign)
-                        and getattr(node.targets[0], "id", "") == "DEFAULT_ARGS")
-    retries = dict(zip([ast.literal_eval(k) for k in default_args.value.keys],
-                       default_args.value.values, strict=True))["retries"]
+    default_args = next(
+        node
+        for node in module.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "DEFAULT_ARGS"
+    )
+    retries = dict(
+        zip(
+            [ast.literal_eval(k) for k in default_args.value.keys],
+            default_args.value.values,
+            strict=True,
+        )
+    )["retries"]
     assert ast.literal_eval(retries) >= 1
 
 
@@ -444,7 +542,8 @@ def test_gpu_stages_request_gpus_and_cpu_stages_do_not(path):
     assert conf["spark.executor.resource.gpu.amount"] == str(gpu["quantity"])
     assert float(conf["spark.task.resource.gpu.amount"]) > 0
     assert conf["spark.executor.resource.gpu.discoveryScript"] == (
-        "/opt/prodvec/bin/gpu-discovery.sh")
+        "/opt/prodvec/bin/gpu-discovery.sh"
+    )
     if path.stem == "train":  # one DDP process per GPU slot of the cluster
         processes = next(arg for arg in spec["arguments"] if arg.startswith("train.num_processes"))
         assert int(processes.split("=")[1]) == executor["instances"] * gpu["quantity"]
@@ -455,14 +554,21 @@ def _pins() -> dict[str, str]:
     return dict(re.findall(r"^\s+([A-Za-z0-9_-]+)==([0-9.]+)", text, re.MULTILINE))
 
 
-@pytest.mark.parametrize(("dockerfile", "torch_index"), [
-    ("Dockerfile", "whl/cpu"), ("Dockerfile.gpu", "whl/cu"),
-])
+@pytest.mark.parametrize(
+    ("dockerfile", "torch_index"),
+    [
+        ("Dockerfile", "whl/cpu"),
+        ("Dockerfile.gpu", "whl/cu"),
+    ],
+)
 def test_dockerfiles_build_the_job_image(dockerfile, torch_index):
     text = (DEPLOY / "docker" / dockerfile).read_text()
     assert "openjdk-17-jre-headless" in text
-    assert re.search(rf"--index-url https://download\.pytorch\.org/{torch_index}\S* "
-                     rf"torch=={re.escape(_pins()['torch'])}", text)
+    assert re.search(
+        rf"--index-url https://download\.pytorch\.org/{torch_index}\S* "
+        rf"torch=={re.escape(_pins()['torch'])}",
+        text,
+    )
     assert "COPY dist/prodvec-*.whl" in text
     assert "COPY jobs /opt/prodvec/jobs" in text  # IN_IMAGE_JOBS of the DAG and manifests
     assert "PRODVEC_CONF_DIR=/opt/prodvec/conf" in text and "COPY conf /opt/prodvec/conf" in text

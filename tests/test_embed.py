@@ -3,7 +3,7 @@ once per Python worker, refreshes embed only what changed (everything after a ne
 the ad-hoc command writes one row per input row, and the per-group model runs too.
 
 The catalog is a real 400-row synthetic one through the clean stage; models are untrained
-8-d MRNets registered with train.log_and_register (embedding does not care about training).
+8-d MRNets registered with pipelines.training.publish.log_and_register (embedding does not care about training).
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ from pyspark.sql import functions as F
 from models.autoencoders import GroupSparseAutoencoder
 from models.encoders import GroupEncoder, TitleEncoder
 from models.mrnet import MRNet, TaskHead
-from pipelines import clean, cli, tracking
-from pipelines.config import Config, load_config
-from pipelines.delta import EmbeddingTable
-from pipelines.embed import _cached_model, embed_frame, prepare_model
-from pipelines.stages import run_stage
-from pipelines.tokenizer import PAD_ID, Vocabulary, tokenize
-from pipelines.train import log_and_register
+from pipelines import cli
+from pipelines.core import tracking
+from pipelines.core.config import Config, load_config
+from pipelines.data.catalog import read_clean
+from pipelines.data.tokenizer import PAD_ID, Vocabulary, tokenize
+from pipelines.stages import clean
+from pipelines.stages.embed import cached_model, embed_frame, prepare_model
+from pipelines.stages.registry import run_stage
+from pipelines.table import EmbeddingTable
+from pipelines.training.publish import log_and_register
 
 MAX_LEN = 12
 NAME = "prodvec-mrnet-synthetic"
@@ -37,7 +40,9 @@ NAME = "prodvec-mrnet-synthetic"
 
 def _mrnet(vocabulary: Vocabulary, seed: int) -> MRNet:
     torch.manual_seed(seed)
-    return MRNet(len(vocabulary) + 2, 8, [TaskHead("flag", "binary", 1)], embedding_size=8)
+    return MRNet(
+        len(vocabulary) + 2, 8, [TaskHead("flag", "binary", 1, scalar=True)], embedding_size=8
+    )
 
 
 def register(config: Config, module: torch.nn.Module, name: str, group: bool = False) -> str:
@@ -50,9 +55,13 @@ def register(config: Config, module: torch.nn.Module, name: str, group: bool = F
     example[:, group] = 2
     tracking.configure(config)
     with mlflow.start_run():
-        _, version = log_and_register(module, example, name,
-                                      [str(vocabulary), str(export / "tokenizer.json"),
-                                       str(export / "labels.json")], {"test": True})
+        _, version = log_and_register(
+            module,
+            example,
+            name,
+            [str(vocabulary), str(export / "tokenizer.json"), str(export / "labels.json")],
+            {"test": True},
+        )
     return f"models:/{name}/{version}"
 
 
@@ -60,13 +69,22 @@ def register(config: Config, module: torch.nn.Module, name: str, group: bool = F
 def base(spark, tmp_path_factory) -> tuple[Config, Vocabulary, str]:
     """Clean catalog, its vocabulary, and model version 1 of NAME."""
     workdir = tmp_path_factory.mktemp("embed")
-    config = load_config(overrides=[
-        f"workdir={workdir}", "catalog.synthetic.rows=400",
-        f"tracking.uri=sqlite:///{workdir}/mlflow.db",
-        f"tracking.artifact_location={(workdir / 'mlartifacts').as_uri()}"])
+    config = load_config(
+        overrides=[
+            f"workdir={workdir}",
+            "catalog.synthetic.rows=400",
+            f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+            f"tracking.artifact_location={(workdir / 'mlartifacts').as_uri()}",
+        ]
+    )
     clean.run(spark, config)
-    titles = clean.read_clean(spark, config).select(
-        F.explode(F.split("title", " ")).alias("word")).groupBy("word").count().toPandas()
+    titles = (
+        read_clean(spark, config)
+        .select(F.explode(F.split("title", " ")).alias("word"))
+        .groupBy("word")
+        .count()
+        .toPandas()
+    )
     vocabulary = Vocabulary.from_counts(titles["word"], titles["count"], min_count=2)
     vocabulary.save(workdir / "export" / "vocabulary.parquet")
     uri = register(config, TitleEncoder(_mrnet(vocabulary, 1)), NAME)
@@ -75,23 +93,29 @@ def base(spark, tmp_path_factory) -> tuple[Config, Vocabulary, str]:
 
 def scratch(base_config: Config, tmp_path: Path, *overrides: str) -> Config:
     """Its own workdir (copy of the clean catalog, own table), the shared MLflow store."""
-    catalog = base_config.stage_dir("clean") / "catalog"
-    config = load_config(overrides=[
-        f"workdir={tmp_path}", "catalog.synthetic.rows=400",
-        f"tracking.uri={base_config.tracking.uri}",
-        f"tracking.artifact_location={base_config.tracking.artifact_location}", *overrides])
-    shutil.copytree(catalog, config.stage_dir("clean") / "catalog")
+    catalog = base_config.outputs.clean_catalog
+    config = load_config(
+        overrides=[
+            f"workdir={tmp_path}",
+            "catalog.synthetic.rows=400",
+            f"tracking.uri={base_config.tracking.uri}",
+            f"tracking.artifact_location={base_config.tracking.artifact_location}",
+            *overrides,
+        ]
+    )
+    shutil.copytree(catalog, config.outputs.clean_catalog)
     return config
 
 
-def reference(uri: str, vocabulary: Vocabulary, titles: list[str],
-              groups: list[int] | None = None) -> np.ndarray:
+def reference(
+    uri: str, vocabulary: Vocabulary, titles: list[str], groups: list[int] | None = None
+) -> np.ndarray:
     """The model's output in this process, ids built token by token in Python."""
     module = mlflow.pytorch.load_model(uri).eval()
     ids = np.full((len(titles), MAX_LEN), PAD_ID, dtype=np.int64)
     for row, title in enumerate(titles):
         words = tokenize(title)[:MAX_LEN]
-        ids[row, :len(words)] = vocabulary.ids(words) if words else []
+        ids[row, : len(words)] = vocabulary.ids(words) if words else []
     if groups is not None:
         ids = np.concatenate([np.array(groups, dtype=np.int64)[:, None], ids], axis=1)
     with torch.no_grad():
@@ -105,7 +129,7 @@ def table_rows(config: Config) -> pa.Table:
 
 
 def catalog_rows(config: Config) -> pa.Table:
-    return pq.read_table(config.stage_dir("clean") / "catalog").sort_by("product_id")
+    return pq.read_table(config.outputs.clean_catalog).sort_by("product_id")
 
 
 def test_stage_equals_in_process_model(spark, base, tmp_path):
@@ -131,7 +155,7 @@ def test_model_loads_once_per_python_worker(spark, base, tmp_path):
     config, vocabulary, _ = base
     uri = register(config, TitleEncoder(_mrnet(vocabulary, 5)), "prodvec-loads")
     spec = prepare_model(uri, tmp_path / "models")
-    frame = clean.read_clean(spark, config).repartition(16)
+    frame = read_clean(spark, config).repartition(16)
     embedded, loads = embed_frame(frame, spec)
     assert embedded.count() == catalog_rows(config).num_rows
     assert frame.rdd.getNumPartitions() == 16
@@ -143,8 +167,8 @@ def test_worker_cache_loads_a_model_once(base, tmp_path):
     uri = register(config, TitleEncoder(_mrnet(vocabulary, 5)), "prodvec-cache")
     spec = prepare_model(uri, tmp_path / "models")
     cpu = torch.device("cpu")
-    first, _, loaded_first = _cached_model(spec, cpu)
-    second, _, loaded_second = _cached_model(spec, cpu)
+    first, _, loaded_first = cached_model(spec, cpu)
+    second, _, loaded_second = cached_model(spec, cpu)
     assert (loaded_first, loaded_second) == (True, False)
     assert first is second
 
@@ -158,17 +182,24 @@ def test_incremental_then_full_refresh(spark, base, tmp_path):
     assert second.rows["embedded"] == 0 and second.rows["table"] == first.rows["table"]
     before = table_rows(config)
 
-    path = config.stage_dir("clean") / "catalog"
+    path = config.outputs.clean_catalog
     catalog = catalog_rows(config)
     changed = set(catalog["product_id"].to_pylist()[:5])
     is_changed = pc.is_in(catalog["product_id"], pa.array(sorted(changed)))
-    titles = pc.if_else(is_changed, pc.binary_join_element_wise(
-        catalog["title"], pa.scalar("leather sofa"), " "), catalog["title"])
-    hashes = pc.if_else(is_changed, pc.binary_join_element_wise(
-        catalog["content_hash"], pa.scalar("x"), ""), catalog["content_hash"])
+    titles = pc.if_else(
+        is_changed,
+        pc.binary_join_element_wise(catalog["title"], pa.scalar("leather sofa"), " "),
+        catalog["title"],
+    )
+    hashes = pc.if_else(
+        is_changed,
+        pc.binary_join_element_wise(catalog["content_hash"], pa.scalar("x"), ""),
+        catalog["content_hash"],
+    )
     catalog = catalog.set_column(catalog.schema.get_field_index("title"), "title", titles)
-    catalog = catalog.set_column(catalog.schema.get_field_index("content_hash"),
-                                 "content_hash", hashes)
+    catalog = catalog.set_column(
+        catalog.schema.get_field_index("content_hash"), "content_hash", hashes
+    )
     shutil.rmtree(path)
     path.mkdir()
     pq.write_table(catalog, path / "part-0.parquet")
@@ -176,19 +207,36 @@ def test_incremental_then_full_refresh(spark, base, tmp_path):
     third = run_stage("embed", config, spark)
     after = table_rows(config)
     assert third.outputs["mode"] == "incremental" and third.rows["embedded"] == 5
-    moved = [pid for pid, old, new in zip(before["product_id"].to_pylist(),
-                                          before["embedded_at"].to_pylist(),
-                                          after["embedded_at"].to_pylist(), strict=True)
-             if old != new]
+    moved = [
+        pid
+        for pid, old, new in zip(
+            before["product_id"].to_pylist(),
+            before["embedded_at"].to_pylist(),
+            after["embedded_at"].to_pylist(),
+            strict=True,
+        )
+        if old != new
+    ]
     assert set(moved) == changed
     rows = after.filter(pc.is_in(after["product_id"], pa.array(sorted(changed))))
     titles = catalog.filter(is_changed).sort_by("product_id")["title"].to_pylist()
-    np.testing.assert_allclose(np.array(rows["embedding"].to_pylist()),
-                               reference(uri, vocabulary, titles), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(rows["embedding"].to_pylist()),
+        reference(uri, vocabulary, titles),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
     new_uri = register(base[0], TitleEncoder(_mrnet(vocabulary, 2)), NAME)
-    fourth = run_stage("embed", config.model_copy(update={"embed": config.embed.model_copy(
-        update={"model_uri": f"models:/{NAME}@candidate"})}), spark)
+    fourth = run_stage(
+        "embed",
+        config.model_copy(
+            update={
+                "embed": config.embed.model_copy(update={"model_uri": f"models:/{NAME}@candidate"})
+            }
+        ),
+        spark,
+    )
     assert fourth.outputs["mode"] == "full" and fourth.outputs["model_uri"] == new_uri
     assert fourth.rows["embedded"] == catalog.num_rows
     assert set(table_rows(config)["model_version"].to_pylist()) == {new_uri.rsplit("/", 1)[1]}
@@ -197,25 +245,45 @@ def test_incremental_then_full_refresh(spark, base, tmp_path):
 def test_adhoc_command_one_row_per_input_row(spark, base, tmp_path, capsys):
     config, vocabulary, uri = base
     source = tmp_path / "products.csv"
-    source.write_text("id,title\n"
-                      "a1,Red Leather Sofa\n"
-                      "a2,\n"
-                      "a3,Blue Cotton Shirt\n"
-                      "a3,Blue Cotton Shirt\n"
-                      "a4,\"Ünïcode   Headphones!\"\n")
+    source.write_text(
+        "id,title\n"
+        "a1,Red Leather Sofa\n"
+        "a2,\n"
+        "a3,Blue Cotton Shirt\n"
+        "a3,Blue Cotton Shirt\n"
+        'a4,"Ünïcode   Headphones!"\n'
+    )
     out = tmp_path / "out"
-    code = cli.main(["embed", "--model", uri, "--input", str(source), "--output", str(out),
-                     f"workdir={tmp_path}", f"tracking.uri={config.tracking.uri}"])
+    code = cli.main(
+        [
+            "embed",
+            "--model",
+            uri,
+            "--input",
+            str(source),
+            "--output",
+            str(out),
+            f"workdir={tmp_path}",
+            f"tracking.uri={config.tracking.uri}",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
-    rows = {(r["product_id"], r["reason"]): r for r in
-            pq.read_table(out).to_pylist()}
-    assert set(rows) == {("a1", None), ("a2", "missing_title"), ("a3", None),
-                         ("a3", "exact_duplicate"), ("a4", None)}
+    rows = {(r["product_id"], r["reason"]): r for r in pq.read_table(out).to_pylist()}
+    assert set(rows) == {
+        ("a1", None),
+        ("a2", "missing_title"),
+        ("a3", None),
+        ("a3", "exact_duplicate"),
+        ("a4", None),
+    }
     assert rows[("a2", "missing_title")]["embedding"] is None
     ok = [rows[(pid, None)] for pid in ("a1", "a3", "a4")]
-    np.testing.assert_allclose(np.array([r["embedding"] for r in ok]),
-                               reference(uri, vocabulary, [r["title"] for r in ok]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.array([r["embedding"] for r in ok]),
+        reference(uri, vocabulary, [r["title"] for r in ok]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert ok[2]["title"] == "unicode headphones"
 
 
@@ -223,15 +291,21 @@ def test_group_model(spark, base, tmp_path):
     config, vocabulary, _ = base
     groups = sorted(set(catalog_rows(config)["product_group"].to_pylist()))
     torch.manual_seed(3)
-    module = GroupEncoder(groups, [_mrnet(vocabulary, 10 + i) for i in range(len(groups))],
-                          GroupSparseAutoencoder(len(groups), 8))
+    module = GroupEncoder(
+        groups,
+        [_mrnet(vocabulary, 10 + i) for i in range(len(groups))],
+        GroupSparseAutoencoder(len(groups), 8),
+    )
     uri = register(config, module, "prodvec-mrnet-pg-synthetic", group=True)
     config = scratch(config, tmp_path, f"embed.model_uri={uri}")
     result = run_stage("embed", config, spark)
     table, catalog = table_rows(config), catalog_rows(config)
     assert result.rows["unknown_group"] == 0 and result.rows["table"] == catalog.num_rows
     index = [groups.index(g) for g in catalog["product_group"].to_pylist()]
-    np.testing.assert_allclose(np.array(table["embedding"].to_pylist()),
-                               reference(uri, vocabulary, catalog["title"].to_pylist(), index),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.array(table["embedding"].to_pylist()),
+        reference(uri, vocabulary, catalog["title"].to_pylist(), index),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert len(table["embedding"][0]) == 16

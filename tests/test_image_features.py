@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipelines import clean, image_features
-from pipelines.config import load_config
-from pipelines.errors import CatalogError, ConfigError
-from pipelines.stages import get_stage, run_stage
+from pipelines.core.config import load_config
+from pipelines.core.errors import CatalogError, ConfigError, ImageFeaturesError
+from pipelines.data.catalog import read_clean
+from pipelines.stages import clean, image_features
+from pipelines.stages.registry import get_stage, run_stage
 
 SIZE = 24
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -29,14 +30,19 @@ HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
 def tiny_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ).eval()
 
 
 def export(module: nn.Module, path: Path) -> Path:
     example = (torch.zeros(2, 3, SIZE, SIZE),)
-    program = torch.export.export(module, example,
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, path)
     return path
 
@@ -78,20 +84,37 @@ def setup(tmp_path_factory):
     catalog = root / "catalog.csv"
     pd.DataFrame(rows).to_csv(catalog, index=False)
     module = tiny_cnn()
-    return {"root": root, "images": images, "catalog": catalog, "expected": expected,
-            "module": module, "weights": export(module, root / "cnn.pt2")}
+    return {
+        "root": root,
+        "images": images,
+        "catalog": catalog,
+        "expected": expected,
+        "module": module,
+        "weights": export(module, root / "cnn.pt2"),
+    }
 
 
 def make_config(setup, *extra: str):
-    catalog = (f"catalog={{name: pictures, format: csv, path: '{setup['catalog']}', "
-               "columns: {product_id: sku, title: name}}")
-    return load_config(overrides=[
-        f"workdir={setup['root'] / 'work'}", catalog, "spark.shuffle_partitions=2",
-        "image_features.enabled=true", "image_features.path_column=image",
-        f"image_features.image_root={setup['images']}", f"image_features.image_size={SIZE}",
-        f"image_features.mean={list(MEAN)}", f"image_features.std={list(STD)}",
-        "image_features.batch_size=7", f"image_features.backbone.weights={setup['weights']}",
-        *extra])
+    catalog = (
+        f"catalog={{name: pictures, format: csv, path: '{setup['catalog']}', "
+        "columns: {product_id: sku, title: name}}"
+    )
+    return load_config(
+        overrides=[
+            f"workdir={setup['root'] / 'work'}",
+            catalog,
+            "spark.shuffle_partitions=2",
+            "image_features.enabled=true",
+            "image_features.path_column=image",
+            f"image_features.image_root={setup['images']}",
+            f"image_features.image_size={SIZE}",
+            f"image_features.mean={list(MEAN)}",
+            f"image_features.std={list(STD)}",
+            "image_features.batch_size=7",
+            f"image_features.backbone.weights={setup['weights']}",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +124,18 @@ def cleaned(spark, setup):
     return config
 
 
-def test_features_equal_the_cnn_and_missing_images_are_null_and_counted(spark, setup,
-                                                                         cleaned):
-    before = clean.read_clean(spark, cleaned, featured=False).toPandas().set_index("product_id")
+def test_features_equal_the_cnn_and_missing_images_are_null_and_counted(spark, setup, cleaned):
+    before = read_clean(spark, cleaned, featured=False).toPandas().set_index("product_id")
     result = image_features.run(spark, make_config(setup, "image_features.dims=16"))
     counts = pd.Series(setup["expected"]).value_counts().to_dict()
-    assert result.rows == {"in": 40, **{status: counts.get(status, 0)
-                                        for status in image_features.STATUSES}}
+    assert result.rows == {
+        "in": 40,
+        **{status: counts.get(status, 0) for status in image_features.STATUSES},
+    }
     assert result.rows == {"in": 40, "ok": 30, "no_path": 4, "missing": 5, "unreadable": 1}
     assert result.metrics["dims"] == 16 and result.metrics["null_features"] == 10
 
-    after = clean.read_clean(spark, cleaned).toPandas().set_index("product_id")
+    after = read_clean(spark, cleaned).toPandas().set_index("product_id")
     assert sorted(after.index) == sorted(before.index)  # rows in = rows out
     for sku, status in setup["expected"].items():
         features = after.loc[sku, "image_features"]
@@ -120,29 +144,46 @@ def test_features_equal_the_cnn_and_missing_images_are_null_and_counted(spark, s
             assert after.loc[sku, "content_hash"] == before.loc[sku, "content_hash"]
             continue
         name = next(setup["images"].glob(f"{sku}.*"))
-        np.testing.assert_allclose(features, expected_features(setup["module"], name),
-                                   rtol=1e-4, atol=1e-5, err_msg=sku)
+        np.testing.assert_allclose(
+            features, expected_features(setup["module"], name), rtol=1e-4, atol=1e-5, err_msg=sku
+        )
         assert after.loc[sku, "content_hash"] != before.loc[sku, "content_hash"]
     assert after.drop(columns=["image_features", "content_hash"]).equals(
-        before.loc[after.index].drop(columns=["image_features", "content_hash"]))
+        before.loc[after.index].drop(columns=["image_features", "content_hash"])
+    )
 
     clean.run(spark, cleaned)  # a new clean catalog: the features are stale now
     with pytest.raises(CatalogError, match="clean catalog changed after image_features"):
-        clean.read_clean(spark, cleaned)
+        read_clean(spark, cleaned)
 
 
-@pytest.mark.parametrize(("overrides", "error", "message"), [
-    (["image_features.backbone.weights=null"], ConfigError,
-     "image_features.backbone.weights is not set"),
-    (["image_features.backbone.weights=/nonexistent/cnn.pt2"], ConfigError,
-     "image_features.backbone.weights=/nonexistent/cnn.pt2 is not a file"),
-    (["image_features.dims=7"], ConfigError,
-     "image_features.dims=7 but the backbone .* produces 16-d features"),
-    (["image_features.path_column=picture"], CatalogError,
-     "image_features.path_column 'picture' is not a column of catalog 'pictures'"),
-    (["image_features.image_size=2"], ConfigError, "'image_features.image_size'"),
-    (["image_features.backbone.format=torchvision"], ConfigError, "backbone.arch"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (
+            ["image_features.backbone.weights=null"],
+            ConfigError,
+            "image_features.backbone.weights is not set",
+        ),
+        (
+            ["image_features.backbone.weights=/nonexistent/cnn.pt2"],
+            ConfigError,
+            "image_features.backbone.weights=/nonexistent/cnn.pt2 is not a file",
+        ),
+        (
+            ["image_features.dims=7"],
+            ConfigError,
+            "image_features.dims=7 but the backbone .* produces 16-d features",
+        ),
+        (
+            ["image_features.path_column=picture"],
+            CatalogError,
+            "image_features.path_column 'picture' is not a column of catalog 'pictures'",
+        ),
+        (["image_features.image_size=2"], ConfigError, "'image_features.image_size'"),
+        (["image_features.backbone.format=torchvision"], ConfigError, "backbone.arch"),
+    ],
+)
 def test_bad_settings_fail_naming_the_key(spark, setup, cleaned, overrides, error, message):
     with pytest.raises(error, match=message):
         image_features.run(spark, make_config(setup, *overrides))
@@ -165,26 +206,39 @@ def _first_node(program: dict) -> dict:
     return program["graph_module"]["graph"]["nodes"][0]
 
 
-@pytest.mark.parametrize(("member", "change", "problem"), [
-    ("models/model.json", lambda p: _first_node(p).update(target="builtins.eval"),
-     "graph call builtins.eval"),
-    ("models/model.json", lambda p: p.update(guards_code=["__import__('os')"]), "guard code"),
-    ("models/model.json",
-     lambda p: p["graph_module"]["graph"]["tensor_values"]["input"]["sizes"][0]["as_expr"]
-     .update(expr_str="__import__('os').getcwd()"), "shape expression"),
-    ("weights/model_weights_config.json",
-     lambda c: next(iter(c["config"].values())).update(use_pickle=True), "pickled payload"),
-])
+@pytest.mark.parametrize(
+    ("member", "change", "problem"),
+    [
+        (
+            "models/model.json",
+            lambda p: _first_node(p).update(target="builtins.eval"),
+            "graph call builtins.eval",
+        ),
+        ("models/model.json", lambda p: p.update(guards_code=["__import__('os')"]), "guard code"),
+        (
+            "models/model.json",
+            lambda p: p["graph_module"]["graph"]["tensor_values"]["input"]["sizes"][0][
+                "as_expr"
+            ].update(expr_str="__import__('os').getcwd()"),
+            "shape expression",
+        ),
+        (
+            "weights/model_weights_config.json",
+            lambda c: next(iter(c["config"].values())).update(use_pickle=True),
+            "pickled payload",
+        ),
+    ],
+)
 def test_archives_that_could_run_code_are_refused(setup, tmp_path, member, change, problem):
     unsafe = _rewrite(setup["weights"], tmp_path / "unsafe.pt2", member, change)
-    with pytest.raises(image_features.ImageFeaturesError, match=problem):
+    with pytest.raises(ImageFeaturesError, match=problem):
         image_features.load_export(str(unsafe))
 
 
 def test_a_file_that_is_no_archive_is_refused(tmp_path):
     weights = tmp_path / "state.pt"
     torch.save(tiny_cnn().state_dict(), weights)
-    with pytest.raises(image_features.ImageFeaturesError, match="not a torch.export archive"):
+    with pytest.raises(ImageFeaturesError, match="not a torch.export archive"):
         image_features.load_export(str(weights))
 
 
@@ -197,12 +251,13 @@ def test_disabled_stage_is_skipped(spark, tmp_path):
 
 @pytest.mark.skipif(HAVE_TORCHVISION, reason="checks the message when torchvision is absent")
 def test_torchvision_format_without_torchvision_says_so(tmp_path):
-    with pytest.raises(image_features.ImageFeaturesError, match="needs torchvision importable"):
+    with pytest.raises(ImageFeaturesError, match="needs torchvision importable"):
         image_features.load_torchvision("resnet18", str(tmp_path / "w.pt"), drop_head=True)
 
 
-@pytest.mark.skipif(not HAVE_TORCHVISION,
-                    reason="torchvision is not installable beside the pinned torch 2.13 here")
+@pytest.mark.skipif(
+    not HAVE_TORCHVISION, reason="torchvision is not installable beside the pinned torch 2.13 here"
+)
 def test_torchvision_format_loads_a_state_dict_and_drops_the_head(tmp_path):
     import torchvision
 

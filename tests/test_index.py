@@ -15,22 +15,20 @@ import pytest
 from deltalake import DeltaTable
 from gensim.models import KeyedVectors
 
-from pipelines import tracking
-from pipelines.cli import main
-from pipelines.config import IndexConfig
-from pipelines.delta import EmbeddingTable, vacuum
-from pipelines.errors import VectorIndexError
-from pipelines.index import (
-    _vectors,
-    build_index,
-    choose_kind,
+from pipelines.analysis.retrieval import (
     diverse_queries,
     exact_neighbours,
-    load_index,
     mean_average_recall,
     title_vectors,
+    unit_vectors,
 )
-from pipelines.stages import run_stage
+from pipelines.cli import main
+from pipelines.core import tracking
+from pipelines.core.config import IndexConfig
+from pipelines.core.errors import VectorIndexError
+from pipelines.stages.registry import run_stage
+from pipelines.table import EmbeddingTable, vacuum
+from pipelines.table.index import build_index, choose_kind, load_index
 
 
 def test_exact_neighbours_match_brute_force_cosine():
@@ -147,10 +145,19 @@ def clustered(rows: int, seed: int) -> np.ndarray:
 def commit_vectors(spark, table: EmbeddingTable, vectors: np.ndarray, app_id: str) -> None:
     data = [(f"p{i:05d}", f"{app_id}-{i}", vector.tolist()) for i, vector in enumerate(vectors)]
     frame = spark.createDataFrame(
-        data, "product_id string, content_hash string, embedding array<float>")
-    table.commit(frame, app_id=app_id, run_id=f"run-{app_id}", mode="full",
-                 model_uri="models:/prodvec-test/1", model_name="prodvec-test",
-                 model_version="1", config_hash="cafe01", dimension=DIMS)
+        data, "product_id string, content_hash string, embedding array<float>"
+    )
+    table.commit(
+        frame,
+        app_id=app_id,
+        run_id=f"run-{app_id}",
+        mode="full",
+        model_uri="models:/prodvec-test/1",
+        model_name="prodvec-test",
+        model_version="1",
+        config_hash="cafe01",
+        dimension=DIMS,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +170,9 @@ def two_versions(spark, tmp_path_factory) -> EmbeddingTable:
 
 
 def table_vectors(table: EmbeddingTable, version: int) -> tuple[list[str], np.ndarray]:
-    frame = DeltaTable(table.uri, version=version).to_pyarrow_table(columns=["product_id", "embedding"])
+    frame = DeltaTable(table.uri, version=version).to_pyarrow_table(
+        columns=["product_id", "embedding"]
+    )
     return frame.column(0).to_pylist(), np.array(frame.column(1).to_pylist(), dtype=np.float32)
 
 
@@ -179,8 +188,7 @@ SMALL = {"batch_rows": 500, "recall_queries": 200}  # batches cross file boundar
     ],
 )
 def test_each_kind_indexes_a_version_and_answers_like_exact_search(two_versions, kind, params):
-    info = build_index(two_versions, IndexConfig(kind=kind, version=0, **SMALL, **params),
-                       seed=5)
+    info = build_index(two_versions, IndexConfig(kind=kind, version=0, **SMALL, **params), seed=5)
     assert (info.kind, info.table_version, info.rows, info.dims) == (kind, 0, 3000, DIMS)
     assert info.folder == f"{two_versions.uri}/_index/v0"
     assert info.recall_at_10 >= 0.95  # the knob was raised until target_recall
@@ -214,7 +222,8 @@ def test_versions_get_their_own_index_and_errors_name_what_is_missing(two_versio
     newest = load_index(two_versions)
     assert newest.meta["rows"] == 1000
     assert [score for _, score in newest.neighbours("p00007", 3)] == sorted(
-        (score for _, score in newest.neighbours("p00007", 3)), reverse=True)
+        (score for _, score in newest.neighbours("p00007", 3)), reverse=True
+    )
     with pytest.raises(VectorIndexError, match="product 'p02500' is not in version 1"):
         newest.neighbours("p02500", 3)
     with pytest.raises(VectorIndexError, match="no index for version 7 of .*prodvec index"):
@@ -258,12 +267,12 @@ def test_an_unfinished_build_is_refused(two_versions, tmp_path):
 )
 def test_bad_embedding_batches_are_refused_by_name(column, message):
     with pytest.raises(VectorIndexError, match=message):
-        _vectors(column, "part-0.parquet")
+        unit_vectors(column, "part-0.parquet")
 
 
 def test_vectors_come_from_the_flat_buffer_of_a_sliced_batch():
     column = pa.array([[3.0, 4.0], [0.0, 2.0], [6.0, 8.0]], pa.list_(pa.float32())).slice(1)
-    np.testing.assert_allclose(_vectors(column, "x"), [[0.0, 1.0], [0.6, 0.8]])
+    np.testing.assert_allclose(unit_vectors(column, "x"), [[0.0, 1.0], [0.6, 0.8]])
 
 
 # ---- the stage, `prodvec neighbors` and diverse queries on the embedded pipeline ------------
@@ -276,10 +285,14 @@ def indexed(embedded_pipeline, tmp_path_factory):
     config, results = embedded_pipeline
     scratch = tmp_path_factory.mktemp("indexed")
     shutil.copytree(results["embed"].outputs["table"], scratch / "table")
-    config = config.model_copy(update={
-        "embed": config.embed.model_copy(update={"table_path": str(scratch / "table")}),
-        "tracking": config.tracking.model_copy(update={"uri": f"sqlite:///{scratch}/mlflow.db"}),
-    })
+    config = config.model_copy(
+        update={
+            "embed": config.embed.model_copy(update={"table_path": str(scratch / "table")}),
+            "tracking": config.tracking.model_copy(
+                update={"uri": f"sqlite:///{scratch}/mlflow.db"}
+            ),
+        }
+    )
     return config, run_stage("index", config)
 
 
@@ -294,15 +307,20 @@ def test_the_stage_indexes_the_embedded_table_exactly_and_logs_to_mlflow(indexed
     assert meta["recall_at_10"] == result.metrics["recall_at_10"] == 1.0
 
     tracking.configure(config)
-    run = mlflow.search_runs(filter_string="tags.`prodvec.stage` = 'index'", output_format="list")[0]
+    run = mlflow.search_runs(filter_string="tags.`prodvec.stage` = 'index'", output_format="list")[
+        0
+    ]
     assert run.data.metrics["index_recall_at_10"] == 1.0
     assert run.data.metrics["rows_indexed"] == products
     assert run.data.tags["prodvec.index.kind"] == "flat"
 
 
 def cli_overrides(config) -> list[str]:
-    return [f"workdir={config.workdir}", f"embed.table_path={config.embed.table_path}",
-            f"tracking.uri={config.tracking.uri}"]
+    return [
+        f"workdir={config.workdir}",
+        f"embed.table_path={config.embed.table_path}",
+        f"tracking.uri={config.tracking.uri}",
+    ]
 
 
 @pytest.mark.parametrize("order", ["options first", "id first"])
@@ -314,8 +332,10 @@ def test_neighbors_command_prints_ids_scores_and_titles(indexed, capsys, order):
     assert main(["neighbors", *arguments, *cli_overrides(config)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith(product) and len(lines[0]) > len(product)  # its title follows
-    assert f"3 neighbours from the flat index of version 0 ({len(loaded.product_ids):,} " \
+    assert (
+        f"3 neighbours from the flat index of version 0 ({len(loaded.product_ids):,} "
         "products, recall@10 1.000)" in lines[1]
+    )
     rows = [line.split(maxsplit=3) for line in lines[2:]]
     assert [row[0] for row in rows] == ["1", "2", "3"]
     assert [row[1] for row in rows] == [pid for pid, _ in loaded.neighbours(product, 3)]
@@ -346,8 +366,7 @@ def test_diverse_queries_cover_more_categories_than_uniform_sampling(embedded_pi
     """Seeded within each top-level group (as eProduct seeds within categories), the picks
     spread over more second-level categories, which the sampler is never told about."""
     config, results = embedded_pipeline
-    catalog = pq.read_table(config.stage_dir("clean") / "catalog",
-                            columns=["title", "category_path"])
+    catalog = pq.read_table(config.outputs.clean_catalog, columns=["title", "category_path"])
     words = KeyedVectors.load(results["corpus"].outputs["vectors"])
     vectors = title_vectors(catalog.column("title"), words)
     paths = catalog.column("category_path").to_pylist()
@@ -358,10 +377,11 @@ def test_diverse_queries_cover_more_categories_than_uniform_sampling(embedded_pi
     def covered(rows: np.ndarray) -> int:
         return len(set(categories[rows]))
 
-    diverse = [covered(diverse_queries(vectors, n, groups=groups, seed=seed))
-               for seed in range(5)]
-    uniform = [covered(np.random.default_rng(seed).choice(len(categories), n, replace=False))
-               for seed in range(50)]
+    diverse = [covered(diverse_queries(vectors, n, groups=groups, seed=seed)) for seed in range(5)]
+    uniform = [
+        covered(np.random.default_rng(seed).choice(len(categories), n, replace=False))
+        for seed in range(50)
+    ]
     assert np.mean(diverse) > np.mean(uniform) + 1, (diverse, np.mean(uniform))
 
 
@@ -379,7 +399,8 @@ def test_diverse_queries_share_picks_over_groups(groups, n, expected_per_group):
     assert len(set(picked.tolist())) == n
     labels = np.zeros(len(vectors), dtype=int) if groups is None else groups
     assert dict(zip(*np.unique(labels[picked], return_counts=True), strict=True)) == (
-        expected_per_group)
+        expected_per_group
+    )
 
 
 def test_title_vectors_average_known_words_and_skip_stop_words():

@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.loader import ShardDataset, make_loader, resume_point
-from pipelines.shard import FORMAT, MANIFEST, SPLITS, ShardError, describe_files
+from pipelines.core.errors import ShardError
+from pipelines.data.shards import FORMAT, MANIFEST, SPLITS, describe_files
+from pipelines.training.loader import ShardDataset, make_loader, resume_point
 
 MAX_LEN, CLASSES, NODES, TERMS, IMAGE_DIM = 6, 5, 7, 11, 3
 # Rows per row group, per file: uneven on purpose (and more units than 2 ranks x 2 workers).
@@ -35,21 +36,27 @@ def make_rows(first: int, n: int) -> pa.Table:
         ids[i, :length] = 2 + (pos[i] + np.arange(length)) % 50
     nodes = [None if p % 10 == 0 else sorted({p % NODES, (p // 3) % NODES}) for p in pos]
     terms = [None if p % 9 == 0 else sorted({p % TERMS, (p * 7) % TERMS}) for p in pos]
-    return pa.table({
-        "product_id": pa.array([f"p{p}" for p in pos]),
-        "title_ids": pa.array(list(ids), type=pa.list_(pa.int32())),
-        "title_len": pa.array(lengths, type=pa.int32()),
-        "image_features": pa.array([[0.0] * IMAGE_DIM if p % 6 == 0 else [p, p + 0.5, -p]
-                                    for p in pos], pa.list_(pa.float32())),
-        "image_missing": pa.array(pos % 6 == 0),
-        "kind": pa.array([None if p % 7 == 0 else int(p % CLASSES) for p in pos], pa.int32()),
-        "flag": pa.array([None if p % 5 == 0 else bool(p % 2) for p in pos], pa.bool_()),
-        "score": pa.array([None if p % 4 == 0 else p / 10 for p in pos], pa.float32()),
-        "path": pa.array(nodes, pa.list_(pa.int32())),
-        "words_idx": pa.array(terms, pa.list_(pa.int32())),
-        "words_val": pa.array([None if t is None else [p + 0.5] * len(t) for p, t in zip(pos, terms)],
-                              pa.list_(pa.float32())),
-    })
+    return pa.table(
+        {
+            "product_id": pa.array([f"p{p}" for p in pos]),
+            "title_ids": pa.array(list(ids), type=pa.list_(pa.int32())),
+            "title_len": pa.array(lengths, type=pa.int32()),
+            "image_features": pa.array(
+                [[0.0] * IMAGE_DIM if p % 6 == 0 else [p, p + 0.5, -p] for p in pos],
+                pa.list_(pa.float32()),
+            ),
+            "image_missing": pa.array(pos % 6 == 0),
+            "kind": pa.array([None if p % 7 == 0 else int(p % CLASSES) for p in pos], pa.int32()),
+            "flag": pa.array([None if p % 5 == 0 else bool(p % 2) for p in pos], pa.bool_()),
+            "score": pa.array([None if p % 4 == 0 else p / 10 for p in pos], pa.float32()),
+            "path": pa.array(nodes, pa.list_(pa.int32())),
+            "words_idx": pa.array(terms, pa.list_(pa.int32())),
+            "words_val": pa.array(
+                [None if t is None else [p + 0.5] * len(t) for p, t in zip(pos, terms)],
+                pa.list_(pa.float32()),
+            ),
+        }
+    )
 
 
 def write_shards(root: Path, splits: dict[str, list[list[int]]]) -> Path:
@@ -59,14 +66,16 @@ def write_shards(root: Path, splits: dict[str, list[list[int]]]) -> Path:
         (root / split).mkdir(parents=True)
         first = 0
         for index, groups in enumerate(splits.get(split, [])):
-            with pq.ParquetWriter(root / split / f"part-{index:05d}.parquet",
-                                  make_rows(0, 1).schema) as writer:
+            with pq.ParquetWriter(
+                root / split / f"part-{index:05d}.parquet", make_rows(0, 1).schema
+            ) as writer:
                 for rows in groups:
                     writer.write_table(make_rows(first, rows))
                     first += rows
         counts[split] = first
     manifest = {
-        "format": FORMAT, "splits": counts,
+        "format": FORMAT,
+        "splits": counts,
         "files": {split: describe_files(root / split) for split in SPLITS},
         "max_len": {"title": MAX_LEN},
         "text_fields": {"title": {"ids": "title_ids", "len": "title_len"}},
@@ -76,8 +85,12 @@ def write_shards(root: Path, splits: dict[str, list[list[int]]]) -> Path:
             {"name": "flag", "kind": "binary", "num_outputs": 1, "columns": ["flag"]},
             {"name": "score", "kind": "regression", "num_outputs": 1, "columns": ["score"]},
             {"name": "path", "kind": "multilabel", "num_outputs": NODES, "columns": ["path"]},
-            {"name": "words", "kind": "decoding", "num_outputs": TERMS,
-             "columns": ["words_idx", "words_val"]},
+            {
+                "name": "words",
+                "kind": "decoding",
+                "num_outputs": TERMS,
+                "columns": ["words_idx", "words_val"],
+            },
         ],
     }
     (root / MANIFEST).write_text(json.dumps(manifest))
@@ -86,20 +99,34 @@ def write_shards(root: Path, splits: dict[str, list[list[int]]]) -> Path:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return write_shards(tmp_path_factory.mktemp("shards"),
-                        {"train": TRAIN_FILES, "validation": VALIDATION_FILES, "test": [[3]]})
+    return write_shards(
+        tmp_path_factory.mktemp("shards"),
+        {"train": TRAIN_FILES, "validation": VALIDATION_FILES, "test": [[3]]},
+    )
 
 
 def train_rows() -> int:
     return sum(map(sum, TRAIN_FILES))
 
 
-def epoch(shards: Path, *, ranks: int = 2, workers: int = 2, batch_size: int = 16,
-          **kwargs) -> list[list[dict[str, torch.Tensor]]]:
+def epoch(
+    shards: Path, *, ranks: int = 2, workers: int = 2, batch_size: int = 16, **kwargs
+) -> list[list[dict[str, torch.Tensor]]]:
     """Every rank's batches for one epoch, each rank through its own DataLoader."""
-    return [list(make_loader(shards, "train", batch_size, rank=rank, world_size=ranks,
-                             num_workers=workers, **kwargs))
-            for rank in range(ranks)]
+    return [
+        list(
+            make_loader(
+                shards,
+                "train",
+                batch_size,
+                rank=rank,
+                world_size=ranks,
+                num_workers=workers,
+                **kwargs,
+            )
+        )
+        for rank in range(ranks)
+    ]
 
 
 def real_ids(batches: list[dict[str, torch.Tensor]]) -> np.ndarray:
@@ -115,8 +142,9 @@ def test_every_row_exactly_once_over_2_ranks_x_2_workers(shards, batch_size, epo
     assert np.array_equal(np.sort(seen), np.arange(train_rows()))
     # DDP: every rank runs the same number of steps, as announced before the epoch.
     steps = [len(batches) for batches in ranks]
-    dataset = ShardDataset(shards, "train", batch_size, seed=3, rank=0, world_size=2,
-                           num_workers=2, epoch=epoch_number)
+    dataset = ShardDataset(
+        shards, "train", batch_size, seed=3, rank=0, world_size=2, num_workers=2, epoch=epoch_number
+    )
     assert steps == [dataset.steps_per_epoch()] * 2
     assert dataset.batch_counts().sum() <= dataset.steps_per_epoch() * 2
 
@@ -138,12 +166,16 @@ def test_ranks_get_unequal_shares_and_the_short_one_pads(shards):
 
 def test_batches_hold_the_rows_their_row_ids_name(shards):
     """Contract dtypes and shapes, and every value is the stored one for that row_id."""
-    table = pa.concat_tables(pq.read_table(shards / entry["path"])
-                             for entry in json.loads((shards / MANIFEST).read_text())["files"]["train"])
+    table = pa.concat_tables(
+        pq.read_table(shards / entry["path"])
+        for entry in json.loads((shards / MANIFEST).read_text())["files"]["train"]
+    )
     expected = table.to_pylist()
     for batch in epoch(shards, ranks=1, workers=2, batch_size=32, seed=9)[0]:
         size = len(batch["row_id"])
-        assert batch["title_ids"].shape == (size, MAX_LEN) and batch["title_ids"].dtype == torch.int64
+        assert (
+            batch["title_ids"].shape == (size, MAX_LEN) and batch["title_ids"].dtype == torch.int64
+        )
         assert batch["title_len"].dtype == torch.int64 and (batch["title_len"] >= 1).all()
         assert batch["image_features"].shape == (size, IMAGE_DIM)
         assert batch["image_features"].dtype == torch.float32
@@ -151,7 +183,10 @@ def test_batches_hold_the_rows_their_row_ids_name(shards):
         assert batch["kind"].dtype == torch.int64 and batch["flag"].dtype == torch.float32
         assert batch["score"].dtype == torch.float32
         assert batch["path"].shape == (size, NODES) and batch["words"].shape == (size, TERMS)
-        assert all(batch[f"{t}_mask"].dtype == torch.bool for t in ("kind", "flag", "score", "path", "words"))
+        assert all(
+            batch[f"{t}_mask"].dtype == torch.bool
+            for t in ("kind", "flag", "score", "path", "words")
+        )
         assert "product_id" not in batch
         for i, row_id in enumerate(batch["row_id"].tolist()):
             row = expected[row_id]
@@ -171,7 +206,9 @@ def test_batches_hold_the_rows_their_row_ids_name(shards):
 
 def test_shuffle_is_seeded_and_changes_with_the_epoch(shards):
     def order(seed: int, epoch_number: int) -> list[int]:
-        return real_ids(epoch(shards, ranks=1, workers=0, seed=seed, epoch=epoch_number)[0]).tolist()
+        return real_ids(
+            epoch(shards, ranks=1, workers=0, seed=seed, epoch=epoch_number)[0]
+        ).tolist()
 
     assert order(1, 0) == order(1, 0)
     assert order(1, 0) != order(1, 1)
@@ -197,8 +234,17 @@ def test_validation_is_read_in_order_without_shuffling(shards):
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_resume_from_a_step_yields_the_rest_of_the_epoch(shards, workers):
     def run(start_step: int) -> list[list[int]]:
-        loader = make_loader(shards, "train", 16, seed=5, epoch=2, rank=1, world_size=2,
-                             num_workers=workers, start_step=start_step)
+        loader = make_loader(
+            shards,
+            "train",
+            16,
+            seed=5,
+            epoch=2,
+            rank=1,
+            world_size=2,
+            num_workers=workers,
+            start_step=start_step,
+        )
         batches = [batch["row_id"].tolist() for batch in loader]
         assert len(batches) == len(loader)
         return batches

@@ -1,4 +1,5 @@
-"""MRNet, its losses and the two autoencoders: fast CPU tests on synthetic data, no Spark."""
+"""MRNet, the task kinds' heads and losses, the multi-task objective and the two autoencoders:
+fast CPU tests on synthetic data, no Spark."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from models.autoencoders import CrossLocaleAutoencoder, GroupSparseAutoencoder
-from models.losses import LossNormaliser, multitask_loss, sample_task, task_loss
 from models.mrnet import MRNet, TaskHead
+from pipelines.tasks import kind_of, task_loss
+from pipelines.training.objectives import LossNormaliser, multitask_loss, sample_task
 
 VOCAB = 40
 WORD_DIM = 16
@@ -20,12 +22,18 @@ MAX_LEN = 10
 MARKERS = (6, 7, 8)  # multilabel node k: the title contains token MARKERS[k]
 DECODED = 8  # decoding target: L2-normalised counts of tokens 2..9
 
+
+def head(name: str, kind: str, outputs: int, **entry) -> TaskHead:
+    """A task's head as its kind builds it from a manifest entry."""
+    return kind_of(kind).head({"name": name, "kind": kind, "num_outputs": outputs, **entry})
+
+
 TASKS = (
-    TaskHead("colour", "multiclass", 3),
-    TaskHead("flag", "binary", 1),
-    TaskHead("price", "regression", 1),
-    TaskHead("category", "multilabel", 3, pos_weight=(2.0, 3.0, 4.0)),
-    TaskHead("tfidf", "decoding", DECODED),
+    head("colour", "multiclass", 3),
+    head("flag", "binary", 1),
+    head("price", "regression", 1),
+    head("category", "multilabel", 3, pos_weight=[2.0, 3.0, 4.0]),
+    head("tfidf", "decoding", DECODED),
 )
 
 
@@ -84,33 +92,38 @@ def test_task_head_from_manifest_entry():
         "pos_weight": {"a>b": 9.0, "a": 1.5},
         "stats": None,
     }
-    assert TaskHead.from_manifest(entry) == TaskHead("category", "multilabel", 2, (1.5, 9.0))
+    assert kind_of("multilabel").head(entry) == TaskHead("category", "multilabel", 2, (1.5, 9.0))
     listed = {"name": "price", "kind": "regression", "num_outputs": 1, "stats": {"mean": 3.0}}
-    assert TaskHead.from_manifest(listed) == TaskHead("price", "regression", 1)
+    assert kind_of("regression").head(listed) == TaskHead("price", "regression", 1, scalar=True)
+    flag = {"name": "flag", "kind": "binary", "num_outputs": 1, "pos_weight": [3.0]}
+    assert kind_of("binary").head(flag).pos_weight is None  # the logistic loss takes none
+
+
+def test_an_unknown_kind_is_refused_naming_the_kinds():
+    with pytest.raises(ValueError, match="unknown task kind 'ordinal'; kinds are binary, "):
+        kind_of("ordinal")
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("name", "kind", "outputs", "entry"),
     [
-        ("Colour", "multiclass", 3),
-        ("colour", "ordinal", 3),
-        ("flag", "binary", 2),
-        ("colour", "multiclass", 1),
-        ("colour", "multiclass", 3, (1.0, 1.0, 1.0)),
-        ("category", "multilabel", 2, (1.0,)),
-        ("category", "multilabel", 2, (1.0, 0.0)),
+        ("Colour", "multiclass", 3, {}),
+        ("flag", "binary", 2, {}),
+        ("colour", "multiclass", 1, {}),
+        ("category", "multilabel", 2, {"pos_weight": [1.0]}),
+        ("category", "multilabel", 2, {"pos_weight": [1.0, 0.0]}),
     ],
 )
-def test_task_head_rejects_inconsistent_specs(args):
+def test_task_head_rejects_inconsistent_specs(name, kind, outputs, entry):
     with pytest.raises(ValueError):
-        TaskHead(*args)
+        head(name, kind, outputs, **entry)
 
 
 def test_task_names_must_be_unique_and_not_module_attributes():
     with pytest.raises(ValueError, match="unique"):
         MRNet(VOCAB, WORD_DIM, [TASKS[0], TASKS[0]], embedding_size=SIZE)
     with pytest.raises(ValueError, match="clash"):
-        MRNet(VOCAB, WORD_DIM, [TaskHead("type", "multiclass", 3)], embedding_size=SIZE)
+        MRNet(VOCAB, WORD_DIM, [head("type", "multiclass", 3)], embedding_size=SIZE)
 
 
 # -- the network -----------------------------------------------------------------------------
@@ -222,7 +235,7 @@ def test_unlabelled_rows_do_not_change_the_loss_or_its_gradient(batch):
 
 
 def test_task_loss_is_the_mean_over_labelled_rows_only():
-    task = TaskHead("price", "regression", 1)
+    task = head("price", "regression", 1)
     output = torch.tensor([1.0, 2.0, 3.0, 4.0])
     target = torch.tensor([0.0, 0.0, 5.0, 0.0])
     mask = torch.tensor([True, False, True, False])

@@ -16,21 +16,60 @@ from hypothesis import strategies as st
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.text import fold_text, normalize_text, parse_price
+from pipelines.data.text import fold_text, normalize_text, parse_price
 
-FRAGMENTS = ["&amp;", "&amp;#39;", "&#174", "&Reg;", "&nbsp;", "Ã©", "â€™", "Ã¼", "<b>", "</p>",
-             "<br/>", "™", "ﬁ", "１２", "½", "é", "ß", "—", "’", "\u00a0", "\t", "\n", "  ",
-             "'", ",", ".", "1,299", "3.5", "₹", "Rs.", "$", "€", "\ufffd", "\x00", "日本", "🙂"]
-TEXT = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(FRAGMENTS)), max_size=8).map(
-    "".join)
-PROPERTY_SETTINGS = settings(max_examples=8, deadline=None,
-                             suppress_health_check=[HealthCheck.function_scoped_fixture])
+FRAGMENTS = [
+    "&amp;",
+    "&amp;#39;",
+    "&#174",
+    "&Reg;",
+    "&nbsp;",
+    "Ã©",
+    "â€™",
+    "Ã¼",
+    "<b>",
+    "</p>",
+    "<br/>",
+    "™",
+    "ﬁ",
+    "１２",
+    "½",
+    "é",
+    "ß",
+    "—",
+    "’",
+    "\u00a0",
+    "\t",
+    "\n",
+    "  ",
+    "'",
+    ",",
+    ".",
+    "1,299",
+    "3.5",
+    "₹",
+    "Rs.",
+    "$",
+    "€",
+    "\ufffd",
+    "\x00",
+    "日本",
+    "🙂",
+]
+TEXT = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(FRAGMENTS)), max_size=8).map("".join)
+PROPERTY_SETTINGS = settings(
+    max_examples=8,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 TOKENISABLE = r"^([a-z0-9.]+( [a-z0-9.]+)*)?$"  # single spaces between non-empty tokens
 
 
 def _frame(spark, texts: list[str | None]):
-    schema = T.StructType([T.StructField("i", T.IntegerType()),
-                           T.StructField("raw", T.StringType())])
+    schema = T.StructType(
+        [T.StructField("i", T.IntegerType()), T.StructField("raw", T.StringType())]
+    )
     return spark.createDataFrame(list(enumerate(texts)), schema)
 
 
@@ -38,10 +77,19 @@ def _frame(spark, texts: list[str | None]):
 @given(texts=st.lists(st.one_of(st.none(), TEXT), min_size=1, max_size=40))
 def test_normalize_text_is_ascii_tokenisable_and_idempotent(spark, texts):
     once = normalize_text(F.col("raw"))
-    rows = _frame(spark, texts).select(
-        "i", "raw", once.alias("once"), normalize_text(once).alias("twice"),
-        fold_text(F.col("raw")).alias("folded"), once.rlike(TOKENISABLE).alias("tokenisable"),
-    ).orderBy("i").collect()
+    rows = (
+        _frame(spark, texts)
+        .select(
+            "i",
+            "raw",
+            once.alias("once"),
+            normalize_text(once).alias("twice"),
+            fold_text(F.col("raw")).alias("folded"),
+            once.rlike(TOKENISABLE).alias("tokenisable"),
+        )
+        .orderBy("i")
+        .collect()
+    )
     assert len(rows) == len(texts)
     for row in rows:
         if row.raw is None:
@@ -56,8 +104,12 @@ def test_normalize_text_is_ascii_tokenisable_and_idempotent(spark, texts):
 @PROPERTY_SETTINGS
 @given(texts=st.lists(st.one_of(st.none(), TEXT), min_size=1, max_size=40))
 def test_parse_price_never_crashes_and_flags_what_it_cannot_read(spark, texts):
-    rows = _frame(spark, texts).select(
-        "i", "raw", parse_price(F.col("raw"), "USD").alias("price")).orderBy("i").collect()
+    rows = (
+        _frame(spark, texts)
+        .select("i", "raw", parse_price(F.col("raw"), "USD").alias("price"))
+        .orderBy("i")
+        .collect()
+    )
     assert len(rows) == len(texts)
     for row in rows:
         amount, currency, error = row.price
@@ -76,17 +128,33 @@ SYMBOLS = [("$", "USD"), ("₹", "INR"), ("Rs. ", "INR"), ("€", "EUR"), ("£",
 
 
 @PROPERTY_SETTINGS
-@given(prices=st.lists(st.tuples(
-    st.decimals(min_value=0, max_value=10**7, places=2, allow_nan=False, allow_infinity=False),
-    st.sampled_from(SYMBOLS), st.booleans(), st.sampled_from(["", " ", "  - 1,999.00"])),
-    min_size=1, max_size=40))
+@given(
+    prices=st.lists(
+        st.tuples(
+            st.decimals(
+                min_value=0, max_value=10**7, places=2, allow_nan=False, allow_infinity=False
+            ),
+            st.sampled_from(SYMBOLS),
+            st.booleans(),
+            st.sampled_from(["", " ", "  - 1,999.00"]),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
 def test_parse_price_reads_back_the_price_it_was_given(spark, prices):
     """Written as catalogs write prices (symbol, optional thousands commas, optional range),
     every price parses back to its amount (a range to its lower bound) and currency."""
-    texts = [f"{symbol}{amount:,.2f}{tail}" if grouped else f"{symbol}{amount:.2f}{tail}"
-             for amount, (symbol, _), grouped, tail in prices]
-    rows = _frame(spark, texts).select(
-        "i", parse_price(F.col("raw"), "USD").alias("price")).orderBy("i").collect()
+    texts = [
+        f"{symbol}{amount:,.2f}{tail}" if grouped else f"{symbol}{amount:.2f}{tail}"
+        for amount, (symbol, _), grouped, tail in prices
+    ]
+    rows = (
+        _frame(spark, texts)
+        .select("i", parse_price(F.col("raw"), "USD").alias("price"))
+        .orderBy("i")
+        .collect()
+    )
     for row, (amount, (_, code), _, _) in zip(rows, prices, strict=True):
         assert row.price.amount == pytest.approx(float(amount)), (texts[row.i], row)
         assert (row.price.currency, row.price.error) == (code, None), (texts[row.i], row)

@@ -21,21 +21,34 @@ import pytest
 import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from pipelines import clean, corpus, shard
-from pipelines.config import Config, ShardConfig, load_config
-from pipelines.loader import make_loader
-from pipelines.tokenizer import Vocabulary, tokenize, tokenize_arrow
+from pipelines.core.config import Config, ShardConfig, load_config
+from pipelines.core.errors import CatalogError, ShardError
+from pipelines.data.shards import FORMAT, MANIFEST, SPLITS, load_manifest, shard_sets
+from pipelines.data.tokenizer import Vocabulary, tokenize, tokenize_arrow
+from pipelines.stages import clean, corpus, shard
+from pipelines.tasks.kinds.multiclass import OTHER
+from pipelines.tasks.kinds.multilabel import NODE_SEPARATOR
+from pipelines.training.loader import make_loader
 
 MIN_COUNT = 50
 TASKS = [
-    {"name": "category", "kind": "multilabel", "source": "category_path", "max_depth": 2,
-     "min_count": MIN_COUNT},
+    {
+        "name": "category",
+        "kind": "multilabel",
+        "source": "category_path",
+        "max_depth": 2,
+        "min_count": MIN_COUNT,
+    },
     {"name": "subcategory", "kind": "multiclass", "source": "category_path[1]", "top_n": 40},
     {"name": "brand", "kind": "multiclass", "source": "brand", "top_n": 10},
     {"name": "size", "kind": "multiclass", "source": "attributes.size", "top_n": 5},
     {"name": "high_value", "kind": "binary", "source": "price", "threshold": 100},
-    {"name": "leather", "kind": "binary", "source": "attributes.material",
-     "positive": ["Leather", "suede"]},
+    {
+        "name": "leather",
+        "kind": "binary",
+        "source": "attributes.material",
+        "positive": ["Leather", "suede"],
+    },
     {"name": "weight", "kind": "regression", "source": "attributes.weight_kg", "log": True},
     {"name": "price", "kind": "regression", "source": "price"},
     {"name": "title_tfidf", "kind": "decoding", "source": "title", "vocab_size": 60},
@@ -62,12 +75,21 @@ def stored(products: pd.DataFrame, name: str) -> pd.Series:
 def built(spark, tmp_path_factory):
     """A 1,500-row synthetic catalog through clean, corpus and shard."""
     workdir = tmp_path_factory.mktemp("shard")
-    config = load_config(overrides=[
-        f"workdir={workdir}", "catalog.synthetic.rows=1500", "word2vec.epochs=1",
-        "word2vec.min_count=3",
-    ])
-    config = with_shard(config, tasks=TASKS, text_fields=TEXT_FIELDS,
-                        row_group_rows=ROW_GROUP_ROWS, rows_per_file=ROWS_PER_FILE)
+    config = load_config(
+        overrides=[
+            f"workdir={workdir}",
+            "catalog.synthetic.rows=1500",
+            "word2vec.epochs=1",
+            "word2vec.min_count=3",
+        ]
+    )
+    config = with_shard(
+        config,
+        tasks=TASKS,
+        text_fields=TEXT_FIELDS,
+        row_group_rows=ROW_GROUP_ROWS,
+        rows_per_file=ROWS_PER_FILE,
+    )
     clean.run(spark, config)
     corpus.run(spark, config)
     result = shard.run(spark, config)
@@ -78,10 +100,10 @@ def built(spark, tmp_path_factory):
 def products(built) -> pd.DataFrame:
     """The clean catalog joined with every shard row (split, label columns) by product id."""
     config, _ = built
-    catalog = pq.read_table(config.stage_dir("clean") / "catalog").to_pandas()
-    root = config.stage_dir("shard")
+    catalog = pq.read_table(config.outputs.clean_catalog).to_pandas()
+    root = config.outputs.shards
     parts = []
-    for split in shard.SPLITS:
+    for split in SPLITS:
         table = pq.read_table(root / split).to_pandas()
         parts.append(table.assign(split=split))
     shards = pd.concat(parts, ignore_index=True)
@@ -92,7 +114,7 @@ def products(built) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def manifest(built) -> dict:
     config, _ = built
-    return json.loads((config.stage_dir("shard") / shard.MANIFEST).read_text())
+    return json.loads((config.outputs.shards / MANIFEST).read_text())
 
 
 def task_entry(manifest: dict, name: str) -> dict:
@@ -101,15 +123,16 @@ def task_entry(manifest: dict, name: str) -> dict:
 
 def test_rows_files_and_manifest(built, manifest, products):
     config, result = built
-    root = config.stage_dir("shard")
-    assert sum(result.rows[split] for split in shard.SPLITS) == len(products)
+    root = config.outputs.shards
+    assert sum(result.rows[split] for split in SPLITS) == len(products)
     assert result.rows["skipped"] == 0
-    assert manifest["splits"] == {split: result.rows[split] for split in shard.SPLITS}
-    assert manifest["config_hash"] == config.digest() and manifest["format"] == shard.FORMAT
-    for split in shard.SPLITS:
+    assert manifest["splits"] == {split: result.rows[split] for split in SPLITS}
+    assert manifest["config_hash"] == config.digest() and manifest["format"] == FORMAT
+    for split in SPLITS:
         files = manifest["files"][split]
         assert sorted(f["path"] for f in files) == sorted(
-            f"{split}/{p.name}" for p in (root / split).glob("*.parquet"))
+            f"{split}/{p.name}" for p in (root / split).glob("*.parquet")
+        )
         assert sum(f["rows"] for f in files) == manifest["splits"][split]
         for entry in files:
             assert entry["rows"] <= ROWS_PER_FILE and sum(entry["row_groups"]) == entry["rows"]
@@ -132,22 +155,30 @@ def test_titles_never_straddle_splits_and_strata_are_exact(products, manifest):
     splits_per_title = products.groupby("title").split.nunique()
     assert (splits_per_title == 1).all()
     strata = products.category_path.map(lambda path: level(path, 1))
-    groups = products.assign(stratum=strata).groupby("title").agg(
-        stratum=("stratum", "min"), split=("split", "first"))
+    groups = (
+        products.assign(stratum=strata)
+        .groupby("title")
+        .agg(stratum=("stratum", "min"), split=("split", "first"))
+    )
     validation, test = manifest["split"]["validation"], manifest["split"]["test"]
     for _, members in groups.groupby("stratum", dropna=False):
         n = len(members)
         position = (np.arange(1, n + 1) - 0.5) / n
-        expected = {"validation": int((position < validation).sum()),
-                    "test": int(((position >= validation) & (position < validation + test)).sum())}
+        expected = {
+            "validation": int((position < validation).sum()),
+            "test": int(((position >= validation) & (position < validation + test)).sum()),
+        }
         seen = members.split.value_counts()
         assert {key: int(seen.get(key, 0)) for key in expected} == expected
 
 
 def test_assign_split_keeps_title_groups_together_deterministically(spark):
     rng = np.random.default_rng(0)
-    rows = [(f"t{t}", f"s{t % 3}" if t % 11 else None) for t in range(300)
-            for _ in range(rng.integers(1, 6))]
+    rows = [
+        (f"t{t}", f"s{t % 3}" if t % 11 else None)
+        for t in range(300)
+        for _ in range(rng.integers(1, 6))
+    ]
     frame = spark.createDataFrame(rows, "title string, stratum string")
 
     def split(seed: int) -> pd.DataFrame:
@@ -168,8 +199,11 @@ def test_assign_split_keeps_title_groups_together_deterministically(spark):
 
 
 def test_multiclass_top_n_from_train_with_other(products, manifest):
-    for name, source, top_n in [("brand", "brand", 10), ("size", "size", 5),
-                                ("subcategory", "subcategory", 40)]:
+    for name, source, top_n in [
+        ("brand", "brand", 10),
+        ("size", "size", 5),
+        ("subcategory", "subcategory", 40),
+    ]:
         if source == "size":
             raw = products.attributes.map(lambda a: dict(a).get("size"))
         elif source == "subcategory":
@@ -179,13 +213,18 @@ def test_multiclass_top_n_from_train_with_other(products, manifest):
         counts = Counter(raw[(products.split == "train") & raw.notna()])
         top = [value for value, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][:top_n]
         entry = task_entry(manifest, name)
-        assert entry["labels"] == [*top, shard.OTHER] and entry["num_outputs"] == len(top) + 1
+        assert entry["labels"] == [*top, OTHER] and entry["num_outputs"] == len(top) + 1
         index = {value: i for i, value in enumerate(top)}
-        expected = pd.Series([None if v is None else index.get(v, len(top)) for v in raw],
-                             index=raw.index, dtype=object)
+        expected = pd.Series(
+            [None if v is None else index.get(v, len(top)) for v in raw],
+            index=raw.index,
+            dtype=object,
+        )
         labels = stored(products, name)
         assert (labels.isna() == expected.isna()).all()
-        assert (labels[expected.notna()].astype(int) == expected[expected.notna()].astype(int)).all()
+        assert (
+            labels[expected.notna()].astype(int) == expected[expected.notna()].astype(int)
+        ).all()
     assert products["size"].isna().any(), "products without a size must be masked"
     assert (products.brand_shard == 10).any(), "rare brands must fall into 'other'"
 
@@ -201,7 +240,8 @@ def test_binary_labels_and_pos_weight(products, manifest):
     assert leather.any()
     train = leather[(products.split == "train") & leather.notna()]
     assert task_entry(manifest, "leather")["pos_weight"] == pytest.approx(
-        [(len(train) - train.sum()) / train.sum()])
+        [(len(train) - train.sum()) / train.sum()]
+    )
 
 
 def test_regression_standardised_with_train_stats(products, manifest):
@@ -224,7 +264,7 @@ def test_multilabel_nodes_and_weights(products, manifest):
 
     def nodes(path) -> list[str]:
         levels = list(path)[:2]
-        return [shard.NODE_SEPARATOR.join(levels[: i + 1]) for i in range(len(levels))]
+        return [NODE_SEPARATOR.join(levels[: i + 1]) for i in range(len(levels))]
 
     all_nodes = products.category_path.map(nodes)
     train = all_nodes[products.split == "train"]
@@ -247,12 +287,14 @@ def test_tfidf_matches_scikit_learn(products, manifest):
     frequency = Counter(term for title in train_titles for term in set(tokenize(title)))
     top = sorted(frequency.items(), key=lambda kv: (-kv[1], kv[0]))[:60]
     assert entry["labels"] == [term for term, _ in top]
-    reference = TfidfVectorizer(tokenizer=tokenize, lowercase=False, token_pattern=None,
-                                vocabulary=entry["labels"]).fit(train_titles)
+    reference = TfidfVectorizer(
+        tokenizer=tokenize, lowercase=False, token_pattern=None, vocabulary=entry["labels"]
+    ).fit(train_titles)
     assert entry["idf"] == pytest.approx(reference.idf_.tolist())
     expected = reference.transform(products.title)
-    for i, (indices, values) in enumerate(zip(products.title_tfidf_idx, products.title_tfidf_val,
-                                              strict=True)):
+    for i, (indices, values) in enumerate(
+        zip(products.title_tfidf_idx, products.title_tfidf_val, strict=True)
+    ):
         row = expected.getrow(i)
         if indices is None:
             assert row.nnz == 0
@@ -263,11 +305,14 @@ def test_tfidf_matches_scikit_learn(products, manifest):
 
 def test_token_ids_come_from_the_shared_vocabulary(built, products):
     config, _ = built
-    vocabulary = Vocabulary.load(config.stage_dir("shard") / shard.VOCABULARY_FILE)
-    assert vocabulary == Vocabulary.load(shard.vocabulary_path(config))
-    texts = {"title": products.title, "description": products.description,
-             "bullets": products.bullets.map(lambda b: None if b is None else " ".join(b)),
-             "brand": products.brand}
+    vocabulary = Vocabulary.load(config.outputs.shards / shard.VOCABULARY_FILE)
+    assert vocabulary == Vocabulary.load(config.outputs.vocabulary)
+    texts = {
+        "title": products.title,
+        "description": products.description,
+        "bullets": products.bullets.map(lambda b: None if b is None else " ".join(b)),
+        "brand": products.brand,
+    }
     for field, max_len in TEXT_FIELDS.items():
         words = tokenize_arrow(pa.array(texts[field], pa.string()))
         expected = vocabulary.encode(words, max_len)
@@ -280,11 +325,15 @@ def test_token_ids_come_from_the_shared_vocabulary(built, products):
 
 def test_loader_reads_the_stage_output_exactly_once(built, manifest):
     config, _ = built
-    root = config.stage_dir("shard")
-    for split in shard.SPLITS:
-        ids = np.concatenate([batch["row_id"].numpy() for rank in range(2)
-                              for batch in make_loader(root, split, 64, rank=rank, world_size=2,
-                                                       num_workers=2)])
+    root = config.outputs.shards
+    for split in SPLITS:
+        ids = np.concatenate(
+            [
+                batch["row_id"].numpy()
+                for rank in range(2)
+                for batch in make_loader(root, split, 64, rank=rank, world_size=2, num_workers=2)
+            ]
+        )
         assert np.array_equal(np.sort(ids[ids >= 0]), np.arange(manifest["splits"][split]))
     batch = next(iter(make_loader(root, "train", 16)))
     assert batch["category"].shape == (16, task_entry(manifest, "category")["num_outputs"])
@@ -292,30 +341,35 @@ def test_loader_reads_the_stage_output_exactly_once(built, manifest):
     assert batch["bullets_ids"].shape == (16, TEXT_FIELDS["bullets"])
 
 
+@pytest.mark.slow
 def test_per_group_shard_sets(spark, built, tmp_path):
     config, _ = built
     for stage in ("clean", "corpus"):
-        shutil.copytree(config.stage_dir(stage), tmp_path / "synthetic" / stage)
-    groups = pq.read_table(config.stage_dir("clean") / "catalog").to_pandas().product_group
+        shutil.copytree(config.outputs.stage(stage), tmp_path / "synthetic" / stage)
+    groups = pq.read_table(config.outputs.clean_catalog).to_pandas().product_group
     sizes = groups.value_counts()
-    grouped = with_shard(config.model_copy(update={"workdir": tmp_path}), per_group=True,
-                         min_group_rows=int(sizes.min()) + 1)
+    grouped = with_shard(
+        config.model_copy(update={"workdir": tmp_path}),
+        per_group=True,
+        min_group_rows=int(sizes.min()) + 1,
+    )
     result = shard.run(spark, grouped)
-    root = grouped.stage_dir("shard")
-    index = json.loads((root / shard.MANIFEST).read_text())
+    root = grouped.outputs.shards
+    index = json.loads((root / MANIFEST).read_text())
     smallest = sizes.idxmin()
     assert index["skipped_groups"] == {smallest: int(sizes.min())}
     assert sorted(index["groups"]) == sorted(set(sizes.index) - {smallest})
-    assert sum(result.rows[s] for s in shard.SPLITS) + result.rows["skipped"] == len(groups)
-    with pytest.raises(shard.ShardError, match="indexes per-group"):
+    assert sum(result.rows[s] for s in SPLITS) + result.rows["skipped"] == len(groups)
+    with pytest.raises(ShardError, match="indexes per-group"):
         make_loader(root, "train", 8)
-    catalog = pq.read_table(config.stage_dir("clean") / "catalog").to_pandas()
-    for group, path in shard.shard_sets(root).items():
-        manifest = shard.load_manifest(path)
+    catalog = pq.read_table(config.outputs.clean_catalog).to_pandas()
+    for group, path in shard_sets(root).items():
+        manifest = load_manifest(path)
         assert manifest["group"] == group
-        subcategories = {p[1] for p in catalog.category_path[catalog.product_group == group]
-                         if len(p) > 1}
-        assert set(task_entry(manifest, "subcategory")["labels"]) - {shard.OTHER} <= subcategories
+        subcategories = {
+            p[1] for p in catalog.category_path[catalog.product_group == group] if len(p) > 1
+        }
+        assert set(task_entry(manifest, "subcategory")["labels"]) - {OTHER} <= subcategories
         assert sum(manifest["splits"].values()) == sizes[group]
         ids = [batch["row_id"] for batch in make_loader(path, "train", 32)]
         assert sum(len(i) for i in ids) == manifest["splits"]["train"]
@@ -325,23 +379,30 @@ def test_image_features_have_one_length_and_a_missing_flag(spark, built, tmp_pat
     """Vectors of the catalog's (most common) length pass through; missing ones and ones of
     another length become zeros with image_missing set, as ProductNet feeds a zero image."""
     config, _ = built
-    shutil.copytree(config.stage_dir("corpus"), tmp_path / "synthetic" / "corpus")
-    catalog = pq.read_table(config.stage_dir("clean") / "catalog")
+    shutil.copytree(config.outputs.corpus, tmp_path / "synthetic" / "corpus")
+    catalog = pq.read_table(config.outputs.clean_catalog)
     ids = catalog.column("product_id").to_pylist()
-    vectors = {pid: None if i % 5 == 0 else [0.5, 0.5] if i % 7 == 0 else [i, 1.0, -1.0, 2.0]
-               for i, pid in enumerate(ids)}
+    vectors = {
+        pid: None if i % 5 == 0 else [0.5, 0.5] if i % 7 == 0 else [i, 1.0, -1.0, 2.0]
+        for i, pid in enumerate(ids)
+    }
     column = pa.array([vectors[pid] for pid in ids], pa.list_(pa.float32()))
-    catalog = catalog.set_column(catalog.schema.get_field_index("image_features"),
-                                 "image_features", column)
+    catalog = catalog.set_column(
+        catalog.schema.get_field_index("image_features"), "image_features", column
+    )
     (tmp_path / "synthetic" / "clean" / "catalog").mkdir(parents=True)
     pq.write_table(catalog, tmp_path / "synthetic" / "clean" / "catalog" / "part-0.parquet")
     columns = config.catalog.columns.model_copy(update={"image_features": "image"})
-    imaged = config.model_copy(update={
-        "workdir": tmp_path, "catalog": config.catalog.model_copy(update={"columns": columns})})
+    imaged = config.model_copy(
+        update={
+            "workdir": tmp_path,
+            "catalog": config.catalog.model_copy(update={"columns": columns}),
+        }
+    )
     shard.run(spark, with_shard(imaged, tasks=TASKS[:2]))
-    root = imaged.stage_dir("shard")
-    assert shard.load_manifest(root)["image_features"] == {"dim": 4}
-    rows = pa.concat_tables(pq.read_table(root / split) for split in shard.SPLITS).to_pylist()
+    root = imaged.outputs.shards
+    assert load_manifest(root)["image_features"] == {"dim": 4}
+    rows = pa.concat_tables(pq.read_table(root / split) for split in SPLITS).to_pylist()
     assert len(rows) == len(ids)
     for row in rows:
         given = vectors[row["product_id"]]
@@ -354,15 +415,15 @@ def test_image_features_have_one_length_and_a_missing_flag(spark, built, tmp_pat
 
 def test_failures_are_clear_and_keep_the_published_shards(spark, built, tmp_path):
     config, _ = built
-    manifest = (config.stage_dir("shard") / shard.MANIFEST).read_text()
+    manifest = (config.outputs.shards / MANIFEST).read_text()
     nolabel = {"name": "nothing", "kind": "multiclass", "source": "attributes.nope", "top_n": 3}
-    with pytest.raises(shard.ShardError, match="no train product has a label"):
+    with pytest.raises(ShardError, match="no train product has a label"):
         shard.run(spark, with_shard(config, tasks=[*TASKS, nolabel]))
-    assert (config.stage_dir("shard") / shard.MANIFEST).read_text() == manifest
-    assert not list(config.catalog_dir.glob(".shard-*"))
+    assert (config.outputs.shards / MANIFEST).read_text() == manifest
+    assert not list(config.outputs.root.glob(".shard-*"))
     badsource = {"name": "bad", "kind": "regression", "source": "weight"}
-    with pytest.raises(shard.ShardError, match="not a clean-catalog column"):
+    with pytest.raises(CatalogError, match="not a clean-catalog column"):
         shard.run(spark, with_shard(config, tasks=[*TASKS, badsource]))
     elsewhere = config.model_copy(update={"workdir": tmp_path})
-    with pytest.raises(shard.ShardError, match="run `prodvec corpus` first"):
+    with pytest.raises(ShardError, match="run `prodvec corpus` first"):
         shard.run(spark, elsewhere)

@@ -17,9 +17,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import synthetic
-from pipelines.config import SyntheticConfig
-from pipelines.synthetic import (
+from pipelines.core.config import SyntheticConfig
+from pipelines.data import synthetic
+from pipelines.data.synthetic import (
     ACCENTED_BRANDS,
     COLUMNS,
     DEFECT_KINDS,
@@ -67,7 +67,7 @@ def test_same_arguments_give_the_same_catalog_and_another_seed_another(catalog):
 
 def test_same_bytes_in_a_fresh_interpreter_with_another_hash_seed():
     script = (
-        "import hashlib, io; from pipelines.synthetic import generate_catalog; "
+        "import hashlib, io; from pipelines.data.synthetic import generate_catalog; "
         "b = io.StringIO(); generate_catalog(2000, 11, 0.1).to_csv(b, index=False, "
         "lineterminator='\\n'); print(hashlib.sha256(b.getvalue().encode()).hexdigest())"
     )

@@ -1,4 +1,4 @@
-"""Table-driven tests for pipelines.text.
+"""Table-driven tests for pipelines.data.text.
 
 Each table is evaluated in ONE Spark job (a module-scoped fixture builds one
 DataFrame of all its cases and collects once); the parametrized tests then only
@@ -16,7 +16,7 @@ import pytest
 from pyspark.sql import Column, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.text import (
+from pipelines.data.text import (
     fold_text,
     has_invalid_encoding,
     normalize_text,

@@ -14,12 +14,12 @@ from gensim.models import KeyedVectors
 from gensim.models.word2vec_corpusfile import CythonLineSentence
 from pyspark.sql import types as T
 
-from pipelines.tokenizer import (
+from pipelines.core.errors import VocabularyError
+from pipelines.data.tokenizer import (
     FIRST_WORD_ID,
     OOV_ID,
     PAD_ID,
     Vocabulary,
-    VocabularyError,
     encode_column,
     tokenize,
     tokenize_arrow,
@@ -75,7 +75,11 @@ def test_vocabulary_orders_by_count_then_word_and_trims():
     assert vocabulary.counts.tolist() == [9, 7, 5, 5]
     assert len(vocabulary) == 4
     assert list(vocabulary.frequencies().items()) == [
-        ("nike", 9), ("red", 7), ("air", 5), ("blue", 5)]
+        ("nike", 9),
+        ("red", 7),
+        ("air", 5),
+        ("blue", 5),
+    ]
 
 
 def test_vocabulary_does_not_depend_on_input_order():
@@ -123,7 +127,10 @@ def test_save_and_load_round_trip_and_spark_reads_the_file(spark, tmp_path):
     assert Vocabulary.load(path) == vocabulary
     rows = spark.read.parquet(str(path)).orderBy("id").collect()
     assert [(r["id"], r["word"], r["count"]) for r in rows] == [
-        (2, "c", 9), (3, "a", 4), (4, "b", 4)]
+        (2, "c", 9),
+        (3, "a", 4),
+        (4, "b", 4),
+    ]
     pq.write_table(pa.table({"id": [2], "word": ["x"], "count": [1]}), tmp_path / "other.parquet")
     with pytest.raises(VocabularyError, match="not a prodvec vocabulary"):
         Vocabulary.load(tmp_path / "other.parquet")

@@ -25,29 +25,20 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from models.encoders import TitleEncoder
 from models.mrnet import TaskHead
-from pipelines import clean, corpus, shard
-from pipelines.config import Config, ShardConfig, TrainConfig, load_config
-from pipelines.stages import run_stage
-from pipelines.train import (
-    CANDIDATE,
-    Launch,
-    embed_split,
-    load_trained,
-    local_cores,
-    loop_spec,
-    model_factory,
-    read_history,
-    train_model,
-    word_vectors,
-)
-from pipelines.training import (
-    BEST,
-    LAST,
-    MultitaskObjective,
-    TaskMetrics,
-    TrainingError,
-    load_checkpoint,
-)
+from pipelines.core.config import Config, ShardConfig, TrainConfig, load_config
+from pipelines.core.errors import TrainingError
+from pipelines.data.shards import MANIFEST
+from pipelines.model_types.kinds.mrnet_per_group import embed_split
+from pipelines.model_types.registry import model_type
+from pipelines.stages import clean, corpus, shard
+from pipelines.stages.registry import run_stage
+from pipelines.tasks import TaskMetrics, kind_of
+from pipelines.training.inputs import loop_spec, word_vectors
+from pipelines.training.launch import Launch, local_cores, train_model
+from pipelines.training.loop import BEST, LAST, load_checkpoint
+from pipelines.training.objectives import MultitaskObjective
+from pipelines.training.publish import CANDIDATE
+from pipelines.training.reporting import read_history
 
 ROWS = 800
 DRIVER = Launch("driver", 1, False, 1)
@@ -64,32 +55,51 @@ def built(spark, tmp_path_factory) -> Config:
     """An 800-row synthetic catalog through clean, corpus and shard (every task kind of
     conf/base.yaml), with small row groups so two ranks get even shares."""
     workdir = tmp_path_factory.mktemp("train")
-    config = load_config(overrides=[
-        f"workdir={workdir}", f"catalog.synthetic.rows={ROWS}", "word2vec.epochs=2",
-        "word2vec.min_count=2", "word2vec.dims=16", "shard.row_group_rows=64",
-        "shard.text_fields={title: 16}", "train.embedding_size=16", "train.batch_size=32",
-        "train.epochs=3", "train.lr=0.01", "train.threads_per_process=1",
-        "train.distributed=false", "train.calibration_batches=5",
-    ])
+    config = load_config(
+        overrides=[
+            f"workdir={workdir}",
+            f"catalog.synthetic.rows={ROWS}",
+            "word2vec.epochs=2",
+            "word2vec.min_count=2",
+            "word2vec.dims=16",
+            "shard.row_group_rows=64",
+            "shard.text_fields={title: 16}",
+            "train.embedding_size=16",
+            "train.batch_size=32",
+            "train.epochs=3",
+            "train.lr=0.01",
+            "train.threads_per_process=1",
+            "train.distributed=false",
+            "train.calibration_batches=5",
+        ]
+    )
     clean.run(spark, config)
     corpus.run(spark, config)
     shard.run(spark, config)
     return config
 
 
-def fit(config: Config, out: Path, objective=MultitaskObjective, resume: bool = True
-        ) -> tuple[dict, list[dict]]:
+def fit(
+    config: Config, out: Path, objective=MultitaskObjective, resume: bool = True
+) -> tuple[dict, list[dict]]:
     """The training loop in this process (the single-process path), as the stage runs it."""
-    shards = config.stage_dir("shard")
+    shards = config.outputs.shards
     out.mkdir(parents=True, exist_ok=True)
     vectors = word_vectors(config, shards, out)
-    spec = loop_spec(config, shards, out / "run", vectors, DRIVER)
-    result = train_model(DRIVER, spec, model_factory(config, vectors), resume, objective)
+    spec, factory = loop_and_factory(config, shards, out / "run", vectors, DRIVER)
+    result = train_model(DRIVER, spec, factory, resume, objective)
     return result, read_history(out / "run")
 
 
+def loop_and_factory(config: Config, shards: Path, run_dir: Path, vectors: Path, launch: Launch):
+    """The loop's settings and the network factory, as the configured model type makes them."""
+    chosen = model_type(config.train.model)
+    spec = loop_spec(config, shards, run_dir, vectors, launch, chosen.fingerprint_part(config))
+    return spec, chosen.factory(config, vectors)
+
+
 def manifest_of(config: Config) -> dict:
-    return json.loads((config.stage_dir("shard") / shard.MANIFEST).read_text())
+    return json.loads((config.outputs.shards / MANIFEST).read_text())
 
 
 # -- learning --------------------------------------------------------------------------------
@@ -99,10 +109,17 @@ def manifest_of(config: Config) -> dict:
 def test_every_task_kind_learns(built, tmp_path, optimisation):
     """Both optimisations lower every task's validation loss from the untrained model's."""
     alternating = optimisation == "alternating"
-    tasks = [next(t["name"] for t in manifest_of(built)["tasks"] if t["kind"] == kind)
-             for kind in KINDS] if alternating else []  # alternating: one task of each kind
-    config = with_train(built, optimisation=optimisation, tasks=tasks,
-                        epochs=6 if alternating else 3)
+    tasks = (
+        [
+            next(t["name"] for t in manifest_of(built)["tasks"] if t["kind"] == kind)
+            for kind in KINDS
+        ]
+        if alternating
+        else []
+    )  # alternating: one task of each kind
+    config = with_train(
+        built, optimisation=optimisation, tasks=tasks, epochs=6 if alternating else 3
+    )
     result, history = fit(config, tmp_path)
     assert [row["epoch"] for row in history] == list(range(config.train.epochs + 1))
     first, last = history[0], history[-1]
@@ -115,11 +132,20 @@ def test_every_task_kind_learns(built, tmp_path, optimisation):
     assert history[-1]["train_loss"] < history[1]["train_loss"]
     assert result["epochs_run"] == config.train.epochs and result["world_size"] == 1
     # every kind reports its metrics
-    expected = {"multiclass": ("accuracy", "macro_f1"), "binary": ("accuracy", "macro_f1"),
-                "regression": ("rmse",), "multilabel": ("micro_f1", "macro_f1"), "decoding": ()}
+    expected = {
+        "multiclass": ("accuracy", "macro_f1"),
+        "binary": ("accuracy", "macro_f1"),
+        "regression": ("rmse",),
+        "multilabel": ("micro_f1", "macro_f1"),
+        "decoding": (),
+    }
     for task in trained:
         for metric in ("loss", *expected[task["kind"]]):
             assert np.isfinite(last[f"val_{task['name']}_{metric}"])
+
+
+def head(name: str, kind: str, outputs: int) -> TaskHead:
+    return kind_of(kind).head({"name": name, "num_outputs": outputs})
 
 
 def test_metrics_agree_with_scikit_learn():
@@ -129,7 +155,7 @@ def test_metrics_agree_with_scikit_learn():
     loss = torch.tensor(0.5)
 
     def state(task: TaskHead, output, target) -> dict[str, float]:
-        metrics = TaskMetrics(task, torch.device("cpu"))
+        metrics = TaskMetrics(task, torch.device("cpu"), top_k=())
         for rows in (slice(0, 200), slice(200, n)):  # two batches sum up
             metrics.update(output[rows], target[rows], mask[rows], loss)
         return metrics.compute()
@@ -137,33 +163,32 @@ def test_metrics_agree_with_scikit_learn():
     m = mask.numpy()
     logits = torch.randn(n, 6, generator=gen)
     labels = torch.randint(0, 5, (n,), generator=gen)  # class 5 predicted but never true
-    got = state(TaskHead("kind", "multiclass", 6), logits, labels)
+    got = state(head("kind", "multiclass", 6), logits, labels)
     predicted = logits.argmax(1).numpy()[m]
     assert got["accuracy"] == pytest.approx(accuracy_score(labels.numpy()[m], predicted))
-    assert got["macro_f1"] == pytest.approx(f1_score(labels.numpy()[m], predicted,
-                                                     average="macro"))
+    assert got["macro_f1"] == pytest.approx(f1_score(labels.numpy()[m], predicted, average="macro"))
     assert got["loss"] == pytest.approx(0.5)
 
     flags = (torch.rand(n, generator=gen) < 0.3).float()
     logit = torch.randn(n, generator=gen)
-    got = state(TaskHead("flag", "binary", 1), logit, flags)
+    got = state(head("flag", "binary", 1), logit, flags)
     predicted = (logit > 0).long().numpy()[m]
-    assert got["macro_f1"] == pytest.approx(f1_score(flags.numpy()[m], predicted,
-                                                     average="macro"))
+    assert got["macro_f1"] == pytest.approx(f1_score(flags.numpy()[m], predicted, average="macro"))
 
     value, target = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
-    got = state(TaskHead("price", "regression", 1), value, target)
+    got = state(head("price", "regression", 1), value, target)
     assert got["rmse"] == pytest.approx(np.sqrt(np.mean((value - target).numpy()[m] ** 2)))
 
     nodes = (torch.rand(n, 7, generator=gen) < 0.2).float()
     nodes[:, 6] = 0  # a node with no positives, predicted nowhere: no F1, left out
     logits = torch.randn(n, 7, generator=gen)
     logits[:, 6] = -5
-    got = state(TaskHead("path", "multilabel", 7), logits, nodes)
+    got = state(head("path", "multilabel", 7), logits, nodes)
     truth, predicted = nodes.numpy()[m], (logits > 0).numpy()[m]
     assert got["micro_f1"] == pytest.approx(f1_score(truth, predicted, average="micro"))
-    assert got["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro",
-                                                     labels=range(6)))
+    assert got["macro_f1"] == pytest.approx(
+        f1_score(truth, predicted, average="macro", labels=range(6))
+    )
 
 
 # -- resume ----------------------------------------------------------------------------------
@@ -204,8 +229,11 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(built, tmp_path, op
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, saved - steps_per_epoch)
 
     result, history = fit(config, tmp_path / "cut")
-    assert result["resumed_from"] == {"epoch": 1, "step": saved - steps_per_epoch,
-                                      "global_step": saved}
+    assert result["resumed_from"] == {
+        "epoch": 1,
+        "step": saved - steps_per_epoch,
+        "global_step": saved,
+    }
     assert result["steps_this_run"] == reference["global_step"] - saved
     final = load_checkpoint(tmp_path / "cut" / "run" / LAST)["model"]
     expected = load_checkpoint(tmp_path / "whole" / "run" / LAST)["model"]
@@ -227,6 +255,7 @@ def test_a_checkpoint_of_another_setup_is_not_resumed(built, tmp_path):
 # -- the stage: TorchDistributor, MLflow, registry -------------------------------------------
 
 
+@pytest.mark.slow
 def test_stage_with_two_gloo_processes_logs_and_registers(spark, built):
     config = with_train(built, distributed=True, num_processes=2, epochs=2)
     result = run_stage("train", config, spark)
@@ -254,12 +283,13 @@ def test_stage_with_two_gloo_processes_logs_and_registers(spark, built):
     served = mlflow.pyfunc.load_model(f"models:/{name}@{CANDIDATE}")
     signature = served.metadata.signature
     assert signature.inputs.inputs[0].shape == (-1, 16)
-    ids = pq.read_table(config.stage_dir("shard") / "test", columns=["title_ids"])
+    ids = pq.read_table(config.outputs.shards / "test", columns=["title_ids"])
     ids = np.stack(ids.column(0).to_numpy(zero_copy_only=False)[:8]).astype(np.int64)
     embedding = served.predict(ids)
     assert embedding.shape == (8, 16)
-    model = load_trained(config, config.stage_dir("shard"), run_dir,
-                         config.stage_dir("train") / "word_vectors.npy")
+    model = model_type("mrnet").load_trained(
+        config, config.outputs.shards, run_dir, config.outputs.training / "word_vectors.npy"
+    )
     with torch.no_grad():
         expected = TitleEncoder(model)(torch.from_numpy(ids)).numpy()
     assert np.allclose(embedding, expected, atol=1e-6)
@@ -269,15 +299,16 @@ def test_stage_with_two_gloo_processes_logs_and_registers(spark, built):
     assert (extra / "extra_files" / "vocabulary.parquet").is_file()
 
 
+@pytest.mark.slow
 def test_alternating_ddp_keeps_ranks_in_sync(spark, built, tmp_path):
     """Alternating steps train one head: DDP must find the unused ones and every rank must
     draw the same task, or the replicas drift apart."""
     config = with_train(built, optimisation="alternating", epochs=1)
-    shards = config.stage_dir("shard")
+    shards = config.outputs.shards
     vectors = word_vectors(config, shards, tmp_path)
     launch = Launch("local", 2, False, 1)
-    spec = loop_spec(config, shards, tmp_path / "run", vectors, launch)
-    result = train_model(launch, spec, model_factory(config, vectors))
+    spec, factory = loop_and_factory(config, shards, tmp_path / "run", vectors, launch)
+    result = train_model(launch, spec, factory)
     assert result["world_size"] == 2 and result["steps_this_run"] > 0
     assert len(result["replica_digests"]) == 2
     assert result["replica_digests"][0] == result["replica_digests"][1]
@@ -292,7 +323,7 @@ def test_more_processes_than_slots_fails_before_launching(spark, built):
 
 def test_per_group_setting_must_match_the_shards(spark, built):
     with pytest.raises(TrainingError, match="per-group shards"):
-        run_stage("train", with_train(built, per_group=True), spark)
+        run_stage("train", with_train(built, model="mrnet_per_group"), spark)
 
 
 # -- one model per product group, then the group autoencoder ---------------------------------
@@ -304,22 +335,28 @@ def grouped(spark, built, tmp_path_factory) -> Config:
     workdir = tmp_path_factory.mktemp("train-groups")
     config = built.model_copy(update={"workdir": workdir})
     for stage in ("clean", "corpus"):
-        shutil.copytree(built.stage_dir(stage), config.stage_dir(stage))
-    settings = ShardConfig.model_validate({**built.shard.model_dump(), "per_group": True,
-                                           "min_group_rows": 60})
+        shutil.copytree(built.outputs.stage(stage), config.outputs.stage(stage))
+    settings = ShardConfig.model_validate(
+        {**built.shard.model_dump(), "per_group": True, "min_group_rows": 60}
+    )
     config = config.model_copy(update={"shard": settings})
     shard.run(spark, config)
-    return with_train(config, per_group=True, epochs=2,
-                      group_autoencoder={"epochs": 15, "batch_size": 64, "lr": 0.01})
+    return with_train(
+        config,
+        model="mrnet_per_group",
+        epochs=2,
+        group_autoencoder={"epochs": 15, "batch_size": 64, "lr": 0.01},
+    )
 
 
+@pytest.mark.slow
 def test_per_group_models_and_group_autoencoder(spark, grouped):
     result = run_stage("train", grouped, spark)
-    groups = json.loads((grouped.stage_dir("shard") / shard.MANIFEST).read_text())["groups"]
+    groups = json.loads((grouped.outputs.shards / MANIFEST).read_text())["groups"]
     assert len(groups) >= 3 and result.rows["groups"] == len(groups)
     for group in groups:
-        assert (grouped.stage_dir("train") / f"group={group}" / BEST).is_file()
-    state = torch.load(grouped.stage_dir("train") / "autoencoder.pt", weights_only=True)
+        assert (grouped.outputs.training / f"group={group}" / BEST).is_file()
+    state = torch.load(grouped.outputs.training / "autoencoder.pt", weights_only=True)
     history = state["history"]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert history[-1]["val_reconstruction"] < history[0]["val_reconstruction"]
@@ -329,20 +366,24 @@ def test_per_group_models_and_group_autoencoder(spark, grouped):
     assert model.groups == sorted(groups) == state["groups"]
     # A row of group g: g's MRNet embeds the title, the autoencoder maps it (2 x 16 dims).
     g = 1
-    ids = pq.read_table(grouped.stage_dir("shard") / f"group={model.groups[g]}" / "test",
-                        columns=["title_ids", "title_len"])
-    title_ids = torch.from_numpy(np.stack(ids.column(0).to_numpy(zero_copy_only=False)[:4])
-                                 .astype(np.int64))
+    ids = pq.read_table(
+        grouped.outputs.shards / f"group={model.groups[g]}" / "test",
+        columns=["title_ids", "title_len"],
+    )
+    title_ids = torch.from_numpy(
+        np.stack(ids.column(0).to_numpy(zero_copy_only=False)[:4]).astype(np.int64)
+    )
     lengths = torch.from_numpy(ids.column(1).to_numpy()[:4].astype(np.int64))
     inputs = torch.cat((torch.full((4, 1), g), title_ids), dim=1)
     with torch.no_grad():
         embedding = model(inputs)
-        expected = model.autoencoder.encode(model.encoders[g].encode(title_ids, lengths),
-                                            torch.full((4,), g))
+        expected = model.autoencoder.encode(
+            model.encoders[g].encode(title_ids, lengths), torch.full((4,), g)
+        )
     assert embedding.shape == (4, 32)
     assert torch.allclose(embedding, expected, atol=1e-6)
     # The autoencoder's rows: each group's first rows in shard order, up to the cap.
-    set_dir = grouped.stage_dir("shard") / f"group={model.groups[g]}"
+    set_dir = grouped.outputs.shards / f"group={model.groups[g]}"
     every = embed_split(model.encoders[g], set_dir, "train", torch.device("cpu"), 32, 10**9)
     capped = embed_split(model.encoders[g], set_dir, "train", torch.device("cpu"), 32, 45)
     assert len(every) == groups[model.groups[g]]["splits"]["train"]
@@ -353,18 +394,27 @@ def test_per_group_models_and_group_autoencoder(spark, grouped):
 
 
 @pytest.mark.shared_data
-def test_flipkart_mrnet_beats_the_majority_class_on_category_level_1(spark, shared_data,
-                                                                     tmp_path):
+def test_flipkart_mrnet_beats_the_majority_class_on_category_level_1(spark, shared_data, tmp_path):
     """Level 1 is the second level of the path (levels 0-2, as the brief numbers them): the
     overlay's `subcategory` task. The shards are the overlay's; the MRNet trains on four of
     its tasks."""
-    config = load_config(["flipkart"], [
-        f"workdir={tmp_path}", f"catalog.path={shared_data / 'flipkart/flipkart_products.csv'}",
-        "word2vec.dims=32", "word2vec.epochs=5", "shard.text_fields={title: 24}",
-        "shard.row_group_rows=1024", "train.embedding_size=32", "train.batch_size=128",
-        "train.epochs=3", "train.lr=0.005", "train.distributed=false",
-        "train.tasks=[category, top_category, subcategory, price]",
-    ])
+    config = load_config(
+        ["flipkart"],
+        [
+            f"workdir={tmp_path}",
+            f"catalog.path={shared_data / 'flipkart/flipkart_products.csv'}",
+            "word2vec.dims=32",
+            "word2vec.epochs=5",
+            "shard.text_fields={title: 24}",
+            "shard.row_group_rows=1024",
+            "train.embedding_size=32",
+            "train.batch_size=128",
+            "train.epochs=3",
+            "train.lr=0.005",
+            "train.distributed=false",
+            "train.tasks=[category, top_category, subcategory, price]",
+        ],
+    )
     clean.run(spark, config)
     corpus.run(spark, config)
     shard.run(spark, config)
@@ -373,11 +423,13 @@ def test_flipkart_mrnet_beats_the_majority_class_on_category_level_1(spark, shar
     manifest = manifest_of(config)
     level1 = next(t for t in manifest["tasks"] if t["name"] == "subcategory")
     majority = int(np.argmax(level1["counts"]))  # the most frequent train class
-    labels = pq.read_table(config.stage_dir("shard") / "validation", columns=["subcategory"])
+    labels = pq.read_table(config.outputs.shards / "validation", columns=["subcategory"])
     labels = labels.column(0).drop_null().to_numpy()
     baseline = float(np.mean(labels == majority))
     accuracy = history[-1]["val_subcategory_accuracy"]
-    print(f"flipkart level 1: accuracy {accuracy:.3f}, macro-F1 "
-          f"{history[-1]['val_subcategory_macro_f1']:.3f}, majority class {baseline:.3f}")
+    print(
+        f"flipkart level 1: accuracy {accuracy:.3f}, macro-F1 "
+        f"{history[-1]['val_subcategory_macro_f1']:.3f}, majority class {baseline:.3f}"
+    )
     assert accuracy > baseline + 0.3
     assert accuracy > 2 * baseline

@@ -44,10 +44,13 @@ SCHEDULES = {"prodvec_daily": "@daily", "prodvec_weekly_retrain": "@weekly"}
 
 # Spark settings per stage on top of the cluster's defaults: the GPU stages ask for one GPU
 # per executor and per task (train: one DDP process per GPU; embed: one model copy per GPU).
-GPU = {"spark.kubernetes.container.image": GPU_IMAGE,
-       "spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1",
-       "spark.executor.resource.gpu.vendor": "nvidia.com",
-       "spark.executor.resource.gpu.discoveryScript": "/opt/prodvec/bin/gpu-discovery.sh"}
+GPU = {
+    "spark.kubernetes.container.image": GPU_IMAGE,
+    "spark.executor.resource.gpu.amount": "1",
+    "spark.task.resource.gpu.amount": "1",
+    "spark.executor.resource.gpu.vendor": "nvidia.com",
+    "spark.executor.resource.gpu.discoveryScript": "/opt/prodvec/bin/gpu-discovery.sh",
+}
 SPARK_CONF = {
     "corpus": {"spark.driver.memory": "8g", "spark.driver.cores": "8"},  # word2vec runs there
     "train": {**GPU, "spark.executor.instances": "4", "spark.executor.memory": "32g"},
@@ -74,18 +77,25 @@ def submit(stage: str) -> SparkSubmitOperator:
         application=f"{JOBS}/{stage}.py",
         name=f"prodvec-{stage}-{CATALOG}",
         conf={"spark.kubernetes.container.image": IMAGE, **SPARK_CONF.get(stage, {})},
-        env_vars={"MLFLOW_TRACKING_URI": "{{ var.value.prodvec_mlflow_uri }}",
-                  "PRODVEC_WORKDIR": "{{ var.value.prodvec_workdir }}",  # e.g. s3a://.../prodvec
-                  "PRODVEC_DATA": "{{ var.value.prodvec_data }}"},  # the raw catalogs
-        application_args=["--conf", "cluster", "--conf", CATALOG,
-                          *STAGE_ARGUMENTS.get(stage, [])],
+        env_vars={
+            "MLFLOW_TRACKING_URI": "{{ var.value.prodvec_mlflow_uri }}",
+            "PRODVEC_WORKDIR": "{{ var.value.prodvec_workdir }}",  # e.g. s3a://.../prodvec
+            "PRODVEC_DATA": "{{ var.value.prodvec_data }}",
+        },  # the raw catalogs
+        application_args=["--conf", "cluster", "--conf", CATALOG, *STAGE_ARGUMENTS.get(stage, [])],
     )
 
 
 def build(dag_id: str, stages: tuple[str, ...]) -> DAG:
-    with DAG(dag_id=dag_id, schedule=SCHEDULES[dag_id], start_date=datetime(2026, 1, 1),
-             catchup=False, max_active_runs=1, default_args=DEFAULT_ARGS,
-             tags=["prodvec"]) as dag:
+    with DAG(
+        dag_id=dag_id,
+        schedule=SCHEDULES[dag_id],
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        tags=["prodvec"],
+    ) as dag:
         tasks = [submit(stage) for stage in stages]
         for upstream, downstream in pairwise(tasks):
             upstream >> downstream

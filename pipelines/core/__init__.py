@@ -1,0 +1,2 @@
+"""What every stage shares: configuration, errors, Spark sessions, MLflow tracking, output
+locations, executor fault context and the device rule for inference tasks."""

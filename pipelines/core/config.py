@@ -1,0 +1,618 @@
+"""Layered YAML configuration validated into typed, frozen objects.
+
+`conf/base.yaml` is always loaded first, then each overlay in order (kedro-style
+base + environment), then `key.sub=value` overrides from the command line. Every
+unknown key is an error that names it, so a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pipelines.core.errors import ConfigError
+from pipelines.core.outputs import Outputs
+from pipelines.model_types.kinds import names as model_type_names
+from pipelines.tasks.contract import TaskSpec, kind_names, kind_of
+
+__all__ = [
+    "BackboneConfig",
+    "CatalogConfig",
+    "CleanConfig",
+    "ColumnMap",
+    "Config",
+    "EmbedConfig",
+    "EvaluateConfig",
+    "FinetuneConfig",
+    "GroupAutoencoderConfig",
+    "ImageFeaturesConfig",
+    "IndexConfig",
+    "Lookup",
+    "PathsConfig",
+    "ProductNetConfig",
+    "ShardConfig",
+    "SparkConfig",
+    "SplitConfig",
+    "Strict",
+    "SyntheticConfig",
+    "TextField",
+    "TrackingConfig",
+    "TrainConfig",
+    "Word2VecConfig",
+    "conf_dir",
+    "confine_paths",
+    "load_config",
+    "merge",
+    "parse_override",
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparkConfig(Strict):
+    """Local-mode defaults; under spark-submit the submit settings win."""
+
+    master: str = "local[*]"
+    app_name: str = "prodvec"
+    shuffle_partitions: int = Field(8, ge=1)
+    driver_memory: str = "4g"
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class TrackingConfig(Strict):
+    """MLflow: sqlite + local artifacts by default, a tracking server on clusters."""
+
+    uri: str | None = None
+    artifact_location: str | None = None
+    experiment: str = "prodvec"
+
+
+class SyntheticConfig(Strict):
+    """The embedded default catalog: generated, deterministic by seed."""
+
+    rows: int = Field(20_000, ge=10)
+    seed: int = 7
+    dirty_fraction: float = Field(0.03, ge=0.0, le=0.5)
+
+
+class ColumnMap(Strict):
+    """Canonical column -> source column. Only product_id and title are required."""
+
+    product_id: str | None = None
+    title: str
+    description: str | None = None
+    bullets: str | None = None
+    brand: str | None = None
+    category_path: str | list[str] | None = None  # one path column, or one column per level
+    price: str | None = None
+    currency: str | None = None
+    product_group: str | None = None
+    locale: str | None = None
+    image_features: str | None = None
+
+
+class Lookup(Strict):
+    """A small table left-joined onto the catalog by a unique key (e.g. Instacart aisles)."""
+
+    path: str
+    key: str
+    format: Literal["csv", "json", "parquet"] = "csv"
+
+
+class CatalogConfig(Strict):
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    format: Literal["csv", "json", "parquet"] = "csv"
+    path: str | None = None
+    synthetic: SyntheticConfig | None = None
+    options: dict[str, str] = Field(default_factory=dict)
+    columns: ColumnMap
+    attributes: dict[str, str] = Field(default_factory=dict)
+    lookups: list[Lookup] = Field(default_factory=list)
+    category_separator: str = ">>"
+    bullet_separator: str = "|"
+    currency: str = "USD"
+    locale: str = "en_US"
+
+    @model_validator(mode="after")
+    def _source_given(self) -> CatalogConfig:
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("catalog needs exactly one of 'path' or 'synthetic'")
+        return self
+
+
+class CleanConfig(Strict):
+    max_title_chars: int = Field(400, ge=10)
+    max_description_chars: int = Field(5000, ge=0)
+    max_category_levels: int = Field(3, ge=1)
+    max_price: float = Field(1e8, gt=0)
+
+
+class Word2VecConfig(Strict):
+    """Corpus + gensim word2vec. The MRNet paper: 128-d, min_count 10, over 143M titles and
+    descriptions. min_count is 5 here: in a 20k-product catalog a brand or product noun seen
+    5-9 times is still a real word worth a vector; 10 epochs because small corpora need more
+    passes than the usual 5. Large catalogs raise min_count and lower epochs."""
+
+    fields: list[CorpusField] = Field(
+        default_factory=lambda: list[CorpusField](["title", "description"]), min_length=1
+    )
+    min_count: int = Field(5, ge=1)
+    max_vocab: int = Field(2_000_000, ge=1)  # bounds driver memory: ~(8 * dims + 500) B/word
+    dims: int = Field(128, ge=1)
+    window: int = Field(5, ge=1)
+    negative: int = Field(5, ge=1)
+    algorithm: Literal["cbow", "skipgram"] = "cbow"
+    epochs: int = Field(10, ge=1)
+    sample: float = Field(1e-3, ge=0.0)
+    workers: int = Field(0, ge=0)  # 0: every core of the driver
+    seed: int | None = None  # None: the top-level seed
+    probe_words: list[str] = Field(default_factory=list)  # nearest-neighbour sanity table
+    neighbours: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _fields_unique(self) -> Word2VecConfig:
+        if len(set(self.fields)) != len(self.fields):
+            raise ValueError(f"fields repeat: {self.fields}")
+        return self
+
+
+TextField = Literal["title", "description", "bullets", "brand"]
+CorpusField = Literal["title", "description", "bullets"]
+
+
+class SplitConfig(Strict):
+    """Train/validation/test fractions; products with the same normalised title stay together."""
+
+    validation: float = Field(0.1, ge=0.0, lt=1.0)
+    test: float = Field(0.1, ge=0.0, lt=1.0)
+    stratify_by: str | None = None  # a multiclass, binary or multilabel task's name
+    seed: int | None = None  # None: the top-level seed
+
+    @model_validator(mode="after")
+    def _train_left(self) -> SplitConfig:
+        if self.validation + self.test >= 1.0:
+            raise ValueError("validation + test must leave rows for train")
+        return self
+
+
+class ShardConfig(Strict):
+    """Shard stage: token ids, task labels, split, Parquet shards for the training loader."""
+
+    tasks: list[TaskSpec] = Field(default_factory=list)
+    text_fields: dict[TextField, int] = Field(
+        default_factory=lambda: dict[TextField, int]({"title": 32})
+    )  # field -> ids per product
+    split: SplitConfig = SplitConfig()
+    per_group: bool = False  # one shard set per product group (train.model: mrnet_per_group)
+    min_group_rows: int = Field(100, ge=1)  # per_group: smaller groups get no shard set
+    row_group_rows: int = Field(2048, ge=1)  # the loader's unit of work and of shuffling
+    rows_per_file: int = Field(200_000, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ShardConfig:
+        if "title" not in self.text_fields:
+            raise ValueError("text_fields must include title")
+        if any(length < 1 for length in self.text_fields.values()):
+            raise ValueError(f"text_fields lengths must be >= 1, got {self.text_fields}")
+        names = [task.name for task in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names repeat: {names}")
+        reserved = {"row_id", "product_id", "image_features", "image_missing"}
+        reserved |= {f"{field}_{part}" for field in self.text_fields for part in ("ids", "len")}
+        clashes = [name for name in names if name in reserved or name.endswith("_mask")]
+        if clashes:
+            raise ValueError(
+                f"task names {clashes} clash with batch keys {sorted(reserved)} or end in _mask"
+            )
+        if self.split.stratify_by is not None:
+            kinds = {task.name: kind_of(task.kind) for task in self.tasks}
+            by = kinds.get(self.split.stratify_by)
+            if by is None or not by.stratifies:
+                able = [name for name, kind in kinds.items() if kind.stratifies]
+                raise ValueError(
+                    f"split.stratify_by '{self.split.stratify_by}' must name a "
+                    f"task whose kind stratifies (of these tasks: {able})"
+                )
+        return self
+
+
+class GroupAutoencoderConfig(Strict):
+    """The sparse autoencoder that maps per-group MRNet embeddings to one group-agnostic
+    space (MRNet section 3.2); trained in one process after the group models."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(256, ge=2)  # the KL sparsity term averages over the batch
+    lr: float = Field(1e-3, gt=0)
+    rho: float = Field(0.05, gt=0, lt=1)  # target mean activation of a hidden unit
+    beta: float = Field(3.0, ge=0)  # weight of the sparsity penalty
+    max_rows_per_group: int = Field(500_000, ge=1)  # embeddings per group and split (paper)
+
+
+class FinetuneConfig(Strict):
+    """Products-10K's recipe, after normal training: fine-tune on a class-balanced subset of
+    the train split (at most `per_class` rows a class of `task`) with the accuracy loss
+    1 - mean(softmax probability of the true class)."""
+
+    epochs: int = Field(0, ge=0)  # 0: no fine-tuning (the paper: 2-3)
+    per_class: int = Field(5, ge=1)  # K: the paper samples at most 5 images per SKU
+    lr: float = Field(1e-4, gt=0)
+    task: str | None = None  # the multiclass task balanced on; None: the first multiclass one
+
+
+class ProductNetConfig(Strict):
+    """The master model's sizes (models/productnet.py); the embedding is train.embedding_size."""
+
+    field_size: int = Field(128, ge=2, multiple_of=2)  # each field encoder's output
+    hidden_size: int = Field(512, ge=1)  # the first fully connected layer
+    image_size: int = Field(256, ge=1)  # the image branch's output
+    bigram_buckets: int = Field(100_000, ge=1)  # fastText hashed word bigrams (brand)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class TrainConfig(Strict):
+    """Train stage: MRNet or the ProductNet master model with data-parallel PyTorch launched
+    from Spark (TorchDistributor), or in the driver for debugging (`distributed: false` or
+    `num_processes: 1`)."""
+
+    model: str = "mrnet"  # a model type (pipelines/model_types/kinds/)
+
+    # Sized so a 20k-product catalog trains in about a minute on 2 CPU cores; clusters raise
+    # epochs, batch_size and num_processes (one process per GPU).
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=1)  # per process: the global batch is this x processes
+    lr: float = Field(0.005, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(5.0, gt=0)  # max gradient norm; None: no clipping
+    embedding_size: int = Field(128, ge=2, multiple_of=2)  # the paper: 128 (per group), 256
+    freeze_embeddings: bool = False  # keep the word2vec vectors fixed
+    optimisation: Literal["joint", "alternating"] = "joint"
+    tasks: list[str] = Field(default_factory=list)  # shard tasks to train on; empty: all
+    distributed: bool = True  # false: the single-process path, in the driver
+    num_processes: int = Field(2, ge=1)  # one per GPU on GPU machines
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when the processes see one
+    mixed_precision: bool = True  # autocast on CUDA (bf16, else fp16 + loss scaling)
+    threads_per_process: int = Field(0, ge=0)  # 0: cores / processes (cluster: spark.task.cpus)
+    loader_workers: int = Field(0, ge=0)  # DataLoader worker processes per training process
+    patience: int = Field(2, ge=1)  # early stopping: epochs without a better validation loss
+    min_delta: float = Field(0.0, ge=0)  # the smallest decrease that counts as better
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: a checkpoint at each epoch end only
+    calibration_batches: int = Field(20, ge=1)  # train batches that set the loss normaliser
+    resume: bool = True  # continue from the last checkpoint of the same training setup
+    seed: int | None = None  # None: the top-level seed
+    registered_model_name: str | None = None  # None: prodvec-mrnet[-pg]-<catalog>
+    finetune: FinetuneConfig = FinetuneConfig()
+    group_autoencoder: GroupAutoencoderConfig = GroupAutoencoderConfig()
+    productnet: ProductNetConfig = ProductNetConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in model_type_names():
+            raise ValueError(
+                f"unknown model type {name!r}; model types are {', '.join(model_type_names())}"
+            )
+        return name
+
+
+class EmbedConfig(Strict):
+    """The embedding table (pipelines/delta.py): where it lives, which writer commits it,
+    how big its files get, and how long vacuum keeps unreferenced files."""
+
+    table_path: str | None = None  # None: <workdir>/<catalog>/embed/table
+    writer: Literal["deltalake", "delta-spark"] = "deltalake"  # delta-spark: needs its jar
+    rows_per_file: int = Field(400_000, ge=1)  # ~256 MB at 128-d float32
+    vacuum_retention_hours: int = Field(168, ge=0)  # must exceed the longest embed job
+    # The model: null means the train stage's registered model (train.model's registered name,
+    # e.g. prodvec-mrnet-<catalog>) at alias @candidate.
+    model_uri: str | None = None
+    batch_size: int = Field(1024, ge=1)  # rows per forward pass on a CPU task
+    gpu_batch_size: int = Field(8192, ge=1)  # rows per forward pass on a task's GPU
+    app_id: str | None = None  # idempotency key of the commit; null: the MLflow run id
+
+
+class IndexConfig(Strict):
+    """The index stage (pipelines/index.py): a faiss index per embedding-table version, its
+    kind chosen by row count, its search knob tuned at build time to `target_recall`."""
+
+    version: int | None = Field(None, ge=0)  # table version to index; None: the latest
+    kind: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"  # auto: by the thresholds below
+    exact_max_rows: int = Field(100_000, ge=1)  # auto: exact IndexFlatIP up to this many rows
+    hnsw_max_rows: int = Field(10_000_000, ge=1)  # auto: HNSW up to this, IVF-PQ beyond
+    hnsw_m: int = Field(32, ge=2)  # graph neighbours per node
+    hnsw_ef_construction: int = Field(40, ge=1)  # faiss's default
+    hnsw_ef_search: int = Field(16, ge=1)  # starting value (faiss's); doubled to target_recall
+    ivf_lists: int | None = Field(None, ge=1)  # None: 4 * sqrt(rows), at least 39 rows a list
+    pq_subquantizers: int | None = Field(None, ge=1)  # must divide dims; None: ~dims / 4
+    ivf_probe: int = Field(16, ge=1)  # starting nprobe; doubled until target_recall
+    rerank_factor: int = Field(4, ge=1)  # IVF-PQ: exact re-rank of this x k PQ candidates
+    train_rows: int = Field(100_000, ge=1)  # IVF-PQ: uniform sample the quantizers learn from
+    recall_queries: int = Field(1000, ge=1)  # table rows whose recall@10 is measured
+    target_recall: float = Field(0.95, ge=0.0, le=1.0)  # recall@10 the search knob must reach
+    batch_rows: int = Field(65_536, ge=1)  # Arrow batch streamed from the table's files
+    gpu: bool = True  # exact searches on GPUs when faiss sees any
+
+
+class EvaluateConfig(Strict):
+    """The evaluate stage (pipelines/evaluate.py): downstream probes against TF-IDF, reports
+    of the trained heads, pictures, and drift between embedding-table versions."""
+
+    version: int | None = Field(None, ge=0)  # table version to evaluate; None: the latest
+    probes: list[TaskSpec] = Field(default_factory=list)  # multiclass or binary, not trained on
+    folds: int = Field(5, ge=2)  # k-fold cross-validation; fewer when a class is smaller
+    small_train_rows: int = Field(1500, ge=10)  # the small-training-set variant's labels
+    max_rows: int = Field(20_000, ge=10)  # products collected to the driver for probes/pictures
+    tfidf_max_features: int = Field(50_000, ge=1)
+    forest_trees: int = Field(100, ge=1)
+    head_batch_size: int = Field(1024, ge=1)
+    top_k: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    retrieval_queries: int = Field(200, ge=0)  # diverse queries for MAR@k; 0: no retrieval
+    retrieval_k: int = Field(10, ge=1)
+    tsne_rows: int = Field(2000, ge=0)  # 0: no t-SNE picture
+    neighbour_queries: int = Field(20, ge=0)  # sample products in the neighbour table
+    neighbours: int = Field(10, ge=1)
+    drift_k: int = Field(10, ge=1)  # neighbour overlap@k between two versions
+    drift_max_rows: int = Field(20_000, ge=10)  # shared products compared (a hash sample)
+
+    @model_validator(mode="after")
+    def _probe_kinds(self) -> EvaluateConfig:
+        wrong = [task.name for task in self.probes if not kind_of(task.kind).probes]
+        if wrong:
+            kinds = [name for name in kind_names() if kind_of(name).probes]
+            raise ValueError(f"evaluate.probes {wrong}: probes are tasks of kinds {kinds}")
+        if any(k < 1 for k in self.top_k):
+            raise ValueError(f"evaluate.top_k must be >= 1, got {self.top_k}")
+        return self
+
+
+class BackboneConfig(Strict):
+    """The image model. `export`: a torch.export archive (architecture in the file; executors
+    need only torch). `torchvision`: `torchvision.models.get_model(arch)` plus a state dict
+    read with `torch.load(weights_only=True)`; torchvision must import on every executor."""
+
+    format: Literal["export", "torchvision"] = "export"
+    weights: str | None = None  # a local file; required to run, never downloaded
+    arch: str | None = None  # torchvision: a `torchvision.models` name, e.g. resnet50
+    drop_head: bool = (
+        True  # torchvision: the classifier (fc / classifier / head / heads) -> Identity
+    )
+
+    @model_validator(mode="after")
+    def _arch_for_torchvision(self) -> BackboneConfig:
+        if (self.format == "torchvision") != (self.arch is not None):
+            raise ValueError(
+                "backbone.arch names the torchvision model: required with format "
+                "torchvision, not taken with format export"
+            )
+        return self
+
+
+class ImageFeaturesConfig(Strict):
+    """The optional image_features stage (pipelines/image_features.py): a backbone over each
+    product's image fills the clean catalog's `image_features`. Off unless `enabled`."""
+
+    enabled: bool = False  # false: `prodvec run` skips the stage and later stages read clean
+    path_column: str | None = None  # source catalog column with image paths or URIs
+    image_root: str | None = None  # relative paths resolve against it (a folder or a URI)
+    backbone: BackboneConfig = BackboneConfig()
+    image_size: int = Field(224, ge=8)  # images are resized to image_size x image_size RGB
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per channel, after / 255
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    dims: int | None = Field(None, ge=1)  # expected feature length; None: what the model gives
+    batch_size: int = Field(32, ge=1)  # images per forward pass on a CPU task (one thread)
+    gpu_batch_size: int = Field(256, ge=1)  # images per forward pass on the task's GPU
+
+    @model_validator(mode="after")
+    def _std_positive(self) -> ImageFeaturesConfig:
+        if any(value <= 0 for value in self.std):
+            raise ValueError(f"std must be > 0, got {self.std}")
+        return self
+
+
+class PathsConfig(Strict):
+    """Where configured files may live. Empty (the laptop default): anywhere. A cluster lists
+    its roots (conf/cluster.yaml), so a typo or a hostile overlay cannot point a stage at
+    files outside them; the workdir is always allowed."""
+
+    allowed_roots: list[str] = Field(default_factory=list)  # local paths or URI prefixes
+
+
+class Config(Strict):
+    workdir: Path = Path("work")
+    seed: int = 42
+    paths: PathsConfig = PathsConfig()
+    spark: SparkConfig = SparkConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    catalog: CatalogConfig
+    clean: CleanConfig = CleanConfig()
+    image_features: ImageFeaturesConfig = ImageFeaturesConfig()
+    word2vec: Word2VecConfig = Word2VecConfig()
+    shard: ShardConfig = ShardConfig()
+    embed: EmbedConfig = EmbedConfig()
+    train: TrainConfig = TrainConfig()
+    index: IndexConfig = IndexConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @property
+    def outputs(self) -> Outputs:
+        """Where this catalog's stage outputs live (several catalogs can share a workdir)."""
+        return Outputs(self.workdir / self.catalog.name, self.embed.table_path)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def digest(self) -> str:
+        """Short stable hash of the resolved config, stamped on outputs."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in strings; secrets come only from the environment."""
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is None:
+                raise ConfigError(f"environment variable {name} is not set")
+            return default
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    return value
+
+
+def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge overlay into base. A `catalog` block that names a catalog replaces
+    the base catalog whole, so one catalog's column map never leaks into another's."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        replaces_catalog = key == "catalog" and isinstance(value, dict) and "name" in value
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not replaces_catalog:
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    dotted, raw = text.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {text!r} has an empty key")
+    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def conf_dir() -> Path:
+    """Where named overlays live: $PRODVEC_CONF_DIR, ./conf, or the repo's conf/."""
+    if "PRODVEC_CONF_DIR" in os.environ:
+        return Path(os.environ["PRODVEC_CONF_DIR"])
+    local = Path.cwd() / "conf"
+    return local if local.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _overlay_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"}:
+        if not candidate.is_file():
+            raise ConfigError(f"config file {candidate} does not exist")
+        return candidate
+    named = conf_dir() / f"{name_or_path}.yaml"
+    if not named.is_file():
+        known = sorted(p.stem for p in conf_dir().glob("*.yaml"))
+        raise ConfigError(f"no overlay named {name_or_path!r} in {conf_dir()} (known: {known})")
+    return named
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {problem['msg']} (got {problem.get('input')!r})")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def load_config(overlays: list[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve base + overlays + overrides into a validated Config."""
+    raw = _read_yaml(conf_dir() / "base.yaml")
+    for overlay in overlays or []:
+        raw = merge(raw, _read_yaml(_overlay_path(overlay)))
+    for override in overrides or []:
+        raw = merge(raw, parse_override(override))
+    try:
+        config = Config.model_validate(_expand_env(raw))
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None
+    config = config.model_copy(update={"workdir": config.workdir.expanduser().resolve()})
+    confine_paths(config)
+    return config
+
+
+def _inside(location: str, root: str) -> bool:
+    """`location` is `root` or below it: local paths after resolving '..' and symlinks, URIs
+    (s3a://, hdfs://) by prefix. file: URIs count as local paths."""
+    location, root = (text.removeprefix("file://") for text in (location, root))
+    if "://" in location or "://" in root:
+        if ".." in location.split("/"):
+            return False  # no resolving on object stores: a '..' segment is never inside
+        return location.rstrip("/") == root.rstrip("/") or location.startswith(
+            root.rstrip("/") + "/"
+        )
+    return Path(location).expanduser().resolve().is_relative_to(Path(root).expanduser().resolve())
+
+
+def confine_paths(config: Config) -> None:
+    """Every configured file location lies under the workdir or `paths.allowed_roots`."""
+    if not config.paths.allowed_roots:
+        return
+    roots = [str(config.workdir), *config.paths.allowed_roots]
+    located = {
+        "catalog.path": config.catalog.path,
+        "embed.table_path": config.embed.table_path,
+        "tracking.artifact_location": config.tracking.artifact_location,
+        "image_features.backbone.weights": config.image_features.backbone.weights,
+        "image_features.image_root": config.image_features.image_root,
+        **{
+            f"catalog.lookups[{i}].path": lookup.path
+            for i, lookup in enumerate(config.catalog.lookups)
+        },
+    }
+    model = config.embed.model_uri
+    if model and not model.startswith(("models:/", "runs:/")):
+        located["embed.model_uri"] = model  # a model folder
+    for key, location in located.items():
+        if location is not None and not any(_inside(location, root) for root in roots):
+            raise ConfigError(
+                f"{key}={location} is outside the allowed roots {roots} "
+                "(paths.allowed_roots; the workdir is always allowed)"
+            )

@@ -1,0 +1,92 @@
+"""Every expected failure of prodvec, in one hierarchy under `ProdvecError`.
+
+Each carries a message that names the thing at fault. The CLI prints a `ProdvecError` as one
+`prodvec: error:` line (exit 2; `TaskError`, an executor-side batch failure, exits 1); any
+other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AnnotationError",
+    "CatalogError",
+    "ConfigError",
+    "EmbedError",
+    "EmptyVocabularyError",
+    "EvaluateError",
+    "ImageFeaturesError",
+    "InjectedFault",
+    "ProdvecError",
+    "ShardError",
+    "TableError",
+    "TableRaceError",
+    "TaskError",
+    "TrainingError",
+    "VectorIndexError",
+    "VocabularyError",
+]
+
+
+class ProdvecError(Exception):
+    """Base of every failure caused by input, configuration or environment."""
+
+
+class ConfigError(ProdvecError, ValueError):
+    """A configuration file, overlay or override is wrong."""
+
+
+class CatalogError(ProdvecError):
+    """A catalog cannot be read as configured (missing file, column, wrong type)."""
+
+
+class VocabularyError(ProdvecError, ValueError):
+    """A vocabulary built from inconsistent input (repeated words, misaligned counts)."""
+
+
+class EmptyVocabularyError(VocabularyError):
+    """No word of the corpus reaches `word2vec.min_count`: there is nothing to train."""
+
+
+class ShardError(ProdvecError):
+    """Shards are missing, empty, inconsistent with their manifest, or cannot be built."""
+
+
+class TrainingError(ProdvecError):
+    """Training cannot start or went wrong (no GPU where one was required, a diverged loss)."""
+
+
+class EmbedError(ProdvecError):
+    """The model cannot be resolved, loaded or run as the embed stage needs."""
+
+
+class TableError(ProdvecError):
+    """The embedding table refuses a commit (contract, model mix, conflicts) or a request."""
+
+
+class TableRaceError(TableError):
+    """Another writer changed the table between our read and our commit: plan again."""
+
+
+class VectorIndexError(ProdvecError):
+    """A nearest-neighbour index or query is unusable (missing index, unknown id, bad k)."""
+
+
+class EvaluateError(ProdvecError):
+    """The evaluate stage has nothing to evaluate (no table, no version) or a bad request."""
+
+
+class ImageFeaturesError(ProdvecError):
+    """The image backbone cannot be loaded, vetted or run as configured."""
+
+
+class AnnotationError(ProdvecError):
+    """An annotation request is inconsistent (labels outside the catalog, too few classes)."""
+
+
+class TaskError(ProdvecError):
+    """A Python step on an executor failed; the message names stage, partition and batch."""
+
+
+class InjectedFault(RuntimeError):
+    """A failure injected on purpose (`PRODVEC_INJECT_FAULT`) to test retries: deliberately
+    not a ProdvecError, so it looks to Spark and the CLI like a real crash."""

@@ -1,0 +1,125 @@
+"""The clean catalog: the canonical schema every stage after clean reads, and its readers.
+
+The clean stage writes it to `Outputs.clean_catalog`; the optional image_features stage
+writes a copy with image features filled to `Outputs.featured_catalog`, stamped with the clean
+write it came from. Later stages read through `read_clean`, which picks the right one and
+refuses a featured copy of an older clean catalog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipelines.core.config import Config
+from pipelines.core.errors import CatalogError
+
+if TYPE_CHECKING:
+    from pipelines.tasks.contract import TaskSpec
+
+__all__ = [
+    "CLEAN_SCHEMA",
+    "FEATURED_STAMP",
+    "check_sources",
+    "clean_files_stamp",
+    "content_hash",
+    "quarantine_counts",
+    "read_clean",
+]
+
+# The canonical clean catalog every later stage reads.
+CLEAN_SCHEMA = T.StructType(
+    [
+        T.StructField("product_id", T.StringType(), False),
+        T.StructField("title", T.StringType(), False),
+        T.StructField("title_raw", T.StringType(), False),
+        T.StructField("description", T.StringType(), True),
+        T.StructField("bullets", T.ArrayType(T.StringType()), True),
+        T.StructField("brand", T.StringType(), True),
+        T.StructField("category_path", T.ArrayType(T.StringType()), True),
+        T.StructField("price", T.DoubleType(), True),
+        T.StructField("currency", T.StringType(), True),
+        T.StructField("product_group", T.StringType(), False),
+        T.StructField("locale", T.StringType(), False),
+        T.StructField("attributes", T.MapType(T.StringType(), T.StringType()), True),
+        T.StructField("image_features", T.ArrayType(T.FloatType()), True),
+        T.StructField("content_hash", T.StringType(), False),
+        T.StructField("source", T.StringType(), False),
+    ]
+)
+
+# Written by the image_features stage inside its catalog folder (Spark skips "_" files).
+FEATURED_STAMP = "_source.json"
+
+
+def content_hash() -> Column:
+    """SHA-256 of what the models read; the image_features stage recomputes it after filling
+    features, so embed's incremental refresh sees a product whose image changed."""
+    content = F.to_json(F.struct("title", "description", "bullets", "brand", "image_features"))
+    return F.sha2(content, 256)
+
+
+def clean_files_stamp(path: Path) -> str:
+    """Identity of one write of a catalog folder: Spark names part files with a fresh job id
+    on every write, so their names change whenever the catalog is rewritten."""
+    names = sorted(part.name for part in path.glob("part-*"))
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def read_clean(spark: SparkSession, config: Config, *, featured: bool = True) -> DataFrame:
+    """The clean catalog, for later stages; fails clearly when clean has not run. With
+    `image_features.enabled` (and `featured`), the image_features stage's copy of it (same
+    schema, features filled): every later stage reads that one, and it must have been made
+    from the clean catalog there now."""
+    path = config.outputs.clean_catalog
+    if not path.is_dir():
+        raise CatalogError(f"no clean catalog at {path}: run `prodvec clean` first")
+    if featured and config.image_features.enabled:
+        featured_path = config.outputs.featured_catalog
+        stamp = featured_path / FEATURED_STAMP
+        if not stamp.is_file():
+            raise CatalogError(
+                f"image_features.enabled is true but there is no catalog at "
+                f"{featured_path}: run `prodvec image_features` first"
+            )
+        if json.loads(stamp.read_text())["clean_files"] != clean_files_stamp(path):
+            raise CatalogError(
+                f"the clean catalog changed after image_features ran on it: "
+                f"run `prodvec image_features` again ({featured_path})"
+            )
+        path = featured_path
+    return spark.read.schema(CLEAN_SCHEMA).parquet(str(path))
+
+
+def quarantine_counts(spark: SparkSession, config: Config) -> dict[str, int]:
+    """Reason -> rows, read back from the written quarantine (for tests and reports)."""
+    path = config.outputs.quarantine
+    rows = spark.read.parquet(str(path)).groupBy("reason").count().collect()
+    return {row["reason"]: row["count"] for row in rows}
+
+
+def check_sources(tasks: Sequence[TaskSpec]) -> None:
+    """Fail before any Spark work when a task names a column the clean catalog lacks (the
+    config already checked the form of attribute and category sources)."""
+    scalar = {f.name for f in CLEAN_SCHEMA.fields} - {
+        "category_path",
+        "bullets",
+        "attributes",
+        "image_features",
+        "title_raw",
+    }
+    for task in tasks:
+        structured = task.source.startswith(("attributes.", "category_path"))
+        if not structured and task.source not in scalar:
+            raise CatalogError(
+                f"task '{task.name}': source '{task.source}' is not a clean-catalog "
+                f"column; use one of {sorted(scalar)}, attributes.<key>, "
+                "category_path[<level>] or category_path"
+            )

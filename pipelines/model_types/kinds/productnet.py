@@ -1,0 +1,158 @@
+"""productnet: ProductNet's multimodal master model (ProductNet section 2.2), one encoder per
+text field plus an image branch, fused by two fully connected layers; served as
+`ProductNetEncoder` (every field's ids and the image features packed into one int64 tensor)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from torch import nn
+
+from models.encoders import ProductNetEncoder, pack_fields
+from models.mrnet import TaskHead
+from models.productnet import ProductNet
+from pipelines.core.config import Config
+from pipelines.data.tokenizer import Vocabulary, tokenize_arrow
+from pipelines.model_types.contract import (
+    InputLayout,
+    ModelType,
+    Served,
+    validation_batch,
+)
+from pipelines.model_types.registry import register
+from pipelines.training.inputs import load_vectors
+from pipelines.training.loop import ModelFactory, load_checkpoint
+
+__all__ = ["ProductNetType", "build_productnet"]
+
+
+def build_productnet(
+    manifest: Mapping[str, Any],
+    tasks: Sequence[TaskHead],
+    *,
+    vectors: str,
+    embedding_size: int,
+    freeze_embeddings: bool,
+    sizes: Mapping[str, Any],
+    init_from: str | None = None,
+) -> ProductNet:
+    """The master model the training processes build: every text field of the shards (and
+    their image features), the word2vec vectors shared by the fields."""
+    pretrained = load_vectors(manifest, vectors)
+    image = manifest.get("image_features")
+    model = ProductNet(
+        pretrained.shape[0],
+        pretrained.shape[1],
+        manifest["max_len"],
+        tasks,
+        embedding_size=embedding_size,
+        image_dim=image["dim"] if image else None,
+        pretrained=pretrained,
+        freeze_embeddings=freeze_embeddings,
+        **sizes,
+    )
+    if init_from is not None:
+        model.load_state_dict(load_checkpoint(Path(init_from))["model"])
+    return model
+
+
+class ProductNetType(ModelType):
+    name = "productnet"
+    registry_prefix = "productnet"
+    encoder = ProductNetEncoder
+
+    def settings(self, config: Config) -> dict[str, Any]:
+        return {"productnet": config.train.productnet.model_dump(mode="json")}
+
+    def factory(self, config: Config, vectors: Path) -> ModelFactory:
+        return partial(
+            build_productnet,
+            vectors=str(vectors),
+            embedding_size=config.train.embedding_size,
+            freeze_embeddings=config.train.freeze_embeddings,
+            sizes=config.train.productnet.model_dump(),
+        )
+
+    def serve(self, model: nn.Module, shard_dir: Path) -> Served:
+        assert isinstance(model, ProductNet)
+        batch = validation_batch(shard_dir)
+        image = (
+            (batch["image_features"].numpy(), batch["image_missing"].numpy())
+            if model.image_dim is not None
+            else (None, None)
+        )
+        example = pack_fields([batch[f"{name}_ids"].numpy() for name, _ in model.fields], *image)
+        served = ProductNetEncoder(model)
+        return Served(
+            served,
+            example,
+            f"int64 [B, {served.width}]: ids of fields {list(model.fields)} side by "
+            "side, then image missing flag + float32 feature bits "
+            "(models.encoders.pack_fields)",
+        )
+
+    def input_layout(self, module: nn.Module, tokenizer: Mapping[str, Any]) -> InputLayout:
+        assert isinstance(module, ProductNetEncoder)
+        return InputLayout(
+            max_len=int(tokenizer["max_len"]),
+            fields=tuple(module.fields),
+            image_dim=module.image_dim,
+        )
+
+    def input_columns(self, layout: InputLayout) -> list[str]:
+        return [name for name, _ in layout.fields] + (
+            ["image_features"] if layout.image_dim is not None else []
+        )
+
+    def inputs(
+        self, layout: InputLayout, batch: pa.RecordBatch, vocabulary: Vocabulary
+    ) -> np.ndarray:
+        """Each field tokenised as the shard stage does (bullets joined by spaces; a null
+        field is all padding, i.e. missing), then the image features (a null or wrong-length
+        vector is a missing image, as in the shards)."""
+        ids = []
+        for name, length in layout.fields:
+            text = batch.column(name)
+            if name == "bullets":
+                text = pc.binary_join(text, " ")
+            ids.append(vocabulary.encode(tokenize_arrow(text), length))
+        if layout.image_dim is None:
+            return pack_fields(ids)
+        dim = layout.image_dim
+        features = batch.column("image_features")
+        missing = pc.fill_null(pc.not_equal(pc.list_value_length(features), dim), True).to_numpy(
+            zero_copy_only=False
+        )
+        image = np.zeros((batch.num_rows, dim), dtype=np.float32)
+        if not missing.all():
+            present = features.filter(pa.array(~missing))
+            image[~missing] = (
+                pc.list_flatten(present)
+                .to_numpy(zero_copy_only=False)
+                .astype(np.float32)
+                .reshape(-1, dim)
+            )
+        return pack_fields(ids, image, missing)
+
+    def example_input(self, layout: InputLayout) -> np.ndarray:
+        """One real title token; every other field and the image missing."""
+        lengths = [length for _, length in layout.fields]
+        image = 0 if layout.image_dim is None else 1 + layout.image_dim
+        example = np.zeros((1, sum(lengths) + image), dtype=np.int64)
+        starts = np.cumsum([0, *lengths])
+        example[0, starts[[name for name, _ in layout.fields].index("title")]] = 2
+        if layout.image_dim is not None:
+            example[0, -layout.image_dim - 1] = 1
+        return example
+
+    def heads(self, module: nn.Module) -> nn.Module | None:
+        return module.productnet if isinstance(module, ProductNetEncoder) else None
+
+
+register(ProductNetType())

@@ -1,0 +1,445 @@
+"""Embed stage: the registered model over the clean catalog, into the embedding table.
+
+How it runs:
+1. The driver resolves the model URI to one registry version (an alias can move while we
+   run; the version cannot), downloads it once to a local folder and loads it once to learn
+   which model type's served form it is (`pipelines.model_types`), what it takes as input
+   and how wide its output is.
+2. Executors read that folder: its path directly in local mode or on a shared filesystem,
+   a `SparkContext.addFile` copy otherwise. Each Python worker loads the model once and
+   keeps it in `_MODELS` (Spark reuses Python workers by default, `spark.python.worker.reuse`),
+   so later tasks on the worker pay nothing. The accumulator `model_loads` says how often
+   that happened.
+3. `mapInArrow` hands Arrow batches to `_embed_batches`: the model type turns the clean
+   columns into the model's input (the shared tokenizer and the training vocabulary), forward in
+   `embed.batch_size` chunks under `torch.inference_mode` with one torch thread per task on
+   CPU, or in `embed.gpu_batch_size` chunks on the GPU Spark assigned to the task. The
+   embeddings go back as one list<float32> column built from the flat output buffer.
+4. `EmbeddingTable.plan_refresh` decides what to embed: with the model the table already
+   holds, new and changed products only; after a new model, everything. One commit.
+
+`embed_file` is the ad-hoc path (`prodvec embed --model --input --output`): any CSV, JSON
+lines or Parquet of products, cleaned by the clean stage's transform, one output row per
+input row (rows the clean stage would quarantine carry its reason and no embedding).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import torch
+from mlflow import MlflowClient
+from pyspark import SparkFiles, StorageLevel
+from pyspark.accumulators import Accumulator
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from torch import nn
+
+from pipelines.core import faults
+from pipelines.core.config import CatalogConfig, ColumnMap, Config
+from pipelines.core.devices import infer, task_inference
+from pipelines.core.errors import EmbedError
+from pipelines.core.outputs import StageResult
+from pipelines.data.catalog import read_clean
+from pipelines.data.tokenizer import VOCABULARY_FILE, Vocabulary
+from pipelines.model_types.contract import InputLayout, ModelType
+from pipelines.model_types.registry import model_type, model_type_names, model_type_of
+from pipelines.stages import clean
+from pipelines.table import EmbeddingTable
+
+__all__ = [
+    "EMBEDDING",
+    "ModelSpec",
+    "cached_model",
+    "default_model_uri",
+    "embed_file",
+    "embed_frame",
+    "infer_format",
+    "input_columns",
+    "pin",
+    "prepare_model",
+    "run",
+    "served_type",
+    "ship",
+]
+
+log = logging.getLogger(__name__)
+
+EMBEDDING = T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False))
+_VECTOR = pa.list_(pa.field("element", pa.float32(), nullable=False))
+_SHIPPED = "sparkfiles:"  # a model folder reference resolved by SparkFiles.get on executors
+_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to embed, small enough to ship in every task's closure."""
+
+    uri: str  # the pinned URI (models:/name/version) or what the user gave
+    name: str
+    version: str
+    folder: str  # local model folder, or _SHIPPED + its name
+    model_type: str  # pipelines.model_types: how rows become the model's input
+    layout: InputLayout
+    dimension: int
+    batch_size: int
+    gpu_batch_size: int
+
+
+# ---- the driver: resolve, download, inspect -------------------------------------------------
+
+
+def default_model_uri(config: Config) -> str:
+    """`embed.model_uri`, else the train stage's registered model at alias `candidate`."""
+    if config.embed.model_uri:
+        return config.embed.model_uri
+    return f"models:/{model_type(config.train.model).registered_name(config)}@candidate"
+
+
+def pin(uri: str) -> tuple[str, str, str]:
+    """(pinned URI, model name, version): `models:/n@alias` and `models:/n/v` become
+    `models:/n/<version>`; any other URI (runs:/, a logged model's models:/m-..., a folder)
+    is its own name, version '0'."""
+    ref = uri[len("models:/") :]
+    if not uri.startswith("models:/") or not ("@" in ref or "/" in ref):
+        return uri, uri, "0"
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias).version
+        else:
+            name, version = ref.rsplit("/", 1)
+            client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as err:
+        raise EmbedError(f"cannot resolve {uri} in {mlflow.get_tracking_uri()}: {err}") from err
+    return f"models:/{name}/{version}", name, str(version)
+
+
+def served_type(module: nn.Module) -> ModelType:
+    """The model type whose served form `module` is (the one dispatch point)."""
+    found = model_type_of(module)
+    if found is None:
+        raise EmbedError(
+            f"the embed stage does not know the input of {type(module).__name__}: "
+            "it is no model type's served form "
+            f"(model types: {', '.join(model_type_names())})"
+        )
+    return found
+
+
+def prepare_model(
+    uri: str, cache: Path, *, batch_size: int = 1024, gpu_batch_size: int = 8192
+) -> ModelSpec:
+    """Pin, download once into `cache/<name>/<version>`, load once to learn input and width."""
+    pinned, name, version = pin(uri)
+    folder = cache / _slug(name) / version if version != "0" else None
+    if folder is None or not (folder / "MLmodel").is_file():
+        target = cache / "download"
+        target.mkdir(parents=True, exist_ok=True)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(target)))
+        if folder is None:
+            folder = local
+        else:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(local, folder)
+    module = mlflow.pytorch.load_model(str(folder), map_location="cpu")
+    served = served_type(module)
+    tokenizer = json.loads((folder / "extra_files" / "tokenizer.json").read_text())
+    layout = served.input_layout(module, tokenizer)
+    with torch.inference_mode():
+        dimension = int(module(torch.from_numpy(served.example_input(layout))).shape[1])
+    log.info(
+        "embed: model %s (%s) in %s: %s input, %d-d output",
+        pinned,
+        uri,
+        folder,
+        served.name,
+        dimension,
+    )
+    return ModelSpec(
+        pinned,
+        name,
+        version,
+        str(folder),
+        served.name,
+        layout,
+        dimension,
+        batch_size,
+        gpu_batch_size,
+    )
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def ship(spark: SparkSession, spec: ModelSpec) -> ModelSpec:
+    """Local mode shares the driver's disk; a cluster gets a copy per executor by addFile
+    (or keep the folder on a filesystem every executor mounts at the same path)."""
+    if (spark.sparkContext.master or "").startswith("local"):
+        return spec
+    spark.sparkContext.addFile(spec.folder, recursive=True)
+    return _replace(spec, folder=_SHIPPED + Path(spec.folder).name)
+
+
+def _replace(spec: ModelSpec, **changes: Any) -> ModelSpec:
+    return ModelSpec(**{**spec.__dict__, **changes})
+
+
+# ---- the workers: one model per Python worker, Arrow batches in and out ---------------------
+
+_MODELS: dict[tuple[str, str], tuple[nn.Module, Vocabulary]] = {}
+
+
+def cached_model(spec: ModelSpec, device: torch.device) -> tuple[nn.Module, Vocabulary, bool]:
+    """The worker's model and vocabulary, loaded on first use; True when this call loaded."""
+    key = (spec.folder, str(device))
+    if key in _MODELS:
+        return *_MODELS[key], False
+    folder = (
+        SparkFiles.get(spec.folder[len(_SHIPPED) :])
+        if spec.folder.startswith(_SHIPPED)
+        else spec.folder
+    )
+    module = mlflow.pytorch.load_model(folder, map_location=device).to(device).eval()
+    vocabulary = Vocabulary.load(Path(folder) / "extra_files" / VOCABULARY_FILE)
+    _MODELS[key] = (module, vocabulary)
+    return module, vocabulary, True
+
+
+def input_columns(spec: ModelSpec) -> list[str]:
+    """The clean catalog columns the model reads."""
+    return model_type(spec.model_type).input_columns(spec.layout)
+
+
+def _vectors(embeddings: np.ndarray, rows: int) -> pa.ListArray:
+    """list<float32> over the flat buffer: offsets and values, no per-row Python."""
+    width = embeddings.shape[1] if rows else 0
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
+    values = pa.array(embeddings.reshape(-1), type=pa.float32())
+    return pa.ListArray.from_arrays(offsets, values, type=_VECTOR)
+
+
+def _embed_batches(
+    batches: Iterator[pa.RecordBatch], spec: ModelSpec, carry: list[str], loads: Accumulator[int]
+) -> Iterator[pa.RecordBatch]:
+    device, size = task_inference(spec.batch_size, spec.gpu_batch_size)
+
+    def embed(batch: pa.RecordBatch) -> pa.RecordBatch:
+        # Loaded inside the batch step, so a model copy the executor cannot read is reported
+        # with the batch; after the first batch this is a dict lookup.
+        module, vocabulary, loaded = cached_model(spec, device)
+        loads.add(int(loaded))
+        inputs = model_type(spec.model_type).inputs(spec.layout, batch, vocabulary)
+        embeddings = infer(module, inputs, size, device)
+        return pa.RecordBatch.from_arrays(
+            [*(batch.column(name) for name in carry), _vectors(embeddings, batch.num_rows)],
+            names=[*carry, EMBEDDING.name],
+        )
+
+    yield from faults.named_batches("embed", batches, embed)
+
+
+def embed_frame(
+    frame: DataFrame, spec: ModelSpec, carry: tuple[str, ...] = ("product_id", "content_hash")
+) -> tuple[DataFrame, Accumulator[int]]:
+    """The `carry` columns plus `embedding` (array<float>) for every row of `frame`, which
+    holds title (normalised) and, for group models, product_group; plus the accumulator
+    counting model loads (read it after an action)."""
+    loads = frame.sparkSession.sparkContext.accumulator(0)
+    columns = list(dict.fromkeys([*carry, *input_columns(spec)]))
+    schema = T.StructType([*(frame.schema[name] for name in carry), EMBEDDING])
+    names = list(carry)
+    out = frame.select(*columns).mapInArrow(
+        lambda batches: _embed_batches(batches, spec, names, loads), schema
+    )
+    return out, loads
+
+
+# ---- the stage -------------------------------------------------------------------------------
+
+
+def run(spark: SparkSession, config: Config) -> StageResult:
+    """Embed what the table lacks (or everything after a new model) and commit one version."""
+    settings = config.embed
+    spec = ship(
+        spark,
+        prepare_model(
+            default_model_uri(config),
+            config.outputs.model_cache,
+            batch_size=settings.batch_size,
+            gpu_batch_size=settings.gpu_batch_size,
+        ),
+    )
+    catalog = read_clean(spark, config).select(
+        *dict.fromkeys(
+            ["product_id", "content_hash", "title", "product_group", *input_columns(spec)]
+        )
+    )
+    rows: dict[str, int] = {}
+    served = model_type(spec.model_type)
+    embeddable = served.embeddable(spec.layout)
+    if embeddable is not None:
+        rows[served.unembeddable] = catalog.filter(~embeddable).count()
+        if rows[served.unembeddable]:
+            log.warning(
+                "embed: %d products the model cannot embed (%s) get no embedding",
+                rows[served.unembeddable],
+                served.unembeddable,
+            )
+        catalog = catalog.filter(embeddable)
+    table = EmbeddingTable.from_config(config)
+    plan = table.plan_refresh(spark, catalog, model_name=spec.name, model_version=spec.version)
+    log.info("embed: %s refresh (%s)", plan.mode, plan.reason)
+    embedded, loads = embed_frame(plan.to_embed, spec)
+    embedded = faults.inject(embedded, "embed")
+    active = mlflow.active_run()
+    run_id = active.info.run_id if active is not None else "no-mlflow-run"
+    result = table.commit(
+        embedded,
+        app_id=settings.app_id or run_id,
+        run_id=run_id,
+        model_uri=spec.uri,
+        model_name=spec.name,
+        model_version=spec.version,
+        config_hash=config.digest(),
+        mode=plan.mode,
+        dimension=spec.dimension,
+        deleted=plan.deleted,
+        before_commit=faults.commit_hook("embed"),
+    )
+    rows.update(
+        {
+            "embedded": result.embedded_rows,
+            "carried": result.carried_rows,
+            "removed": result.removed_rows,
+            "table": result.rows,
+        }
+    )
+    if mlflow.active_run():
+        mlflow.set_tags({"prodvec.embed.mode": plan.mode, "prodvec.embed.model": spec.uri})
+    return StageResult(
+        rows=rows,
+        outputs={
+            "table": table.uri,
+            "version": str(result.version),
+            "model_uri": spec.uri,
+            "mode": plan.mode,
+        },
+        metrics={
+            "model_loads": float(loads.value),
+            "committed": float(result.committed),
+            "dimension": float(spec.dimension),
+        },
+    )
+
+
+# ---- ad hoc: any product file -----------------------------------------------------------------
+
+
+def infer_format(path: str) -> Literal["csv", "json", "parquet"]:
+    """By extension; folders and anything else are read as Parquet."""
+    return _FORMATS.get(Path(path).suffix.lower(), "parquet")  # type: ignore[return-value]
+
+
+def embed_file(
+    spark: SparkSession,
+    config: Config,
+    *,
+    model_uri: str,
+    input_path: str,
+    output: str,
+    id_col: str | None = "id",
+    text_col: str = "title",
+    group_col: str | None = None,
+    fmt: str | None = None,
+) -> dict[str, int]:
+    """Clean `input_path` as the clean stage does, embed, write Parquet to `output`: one row
+    per input row (product_id, title, embedding, reason, message); rows the clean stage would
+    quarantine or drop as exact duplicates keep their reason and a null embedding.
+    Returns row counts by outcome."""
+    spec = ship(
+        spark,
+        prepare_model(
+            model_uri,
+            config.outputs.model_cache,
+            batch_size=config.embed.batch_size,
+            gpu_batch_size=config.embed.gpu_batch_size,
+        ),
+    )
+    served = model_type(spec.model_type)
+    if "product_group" in served.input_columns(spec.layout) and group_col is None:
+        raise EmbedError(f"{spec.uri} is a per-group model: give the group column (--group-col)")
+    catalog = CatalogConfig(
+        name="adhoc",
+        format=fmt or infer_format(input_path),
+        path=input_path,
+        columns=ColumnMap(product_id=id_col, title=text_col, product_group=group_col),
+    )
+    adhoc = config.model_copy(update={"catalog": catalog})
+    source = clean.read_catalog(spark, adhoc)
+    clean.check_columns(source, catalog)
+    staged = (
+        clean.transform(source, adhoc)
+        .withColumn(
+            "_reason",
+            F.when(F.col("_duplicate"), F.lit("exact_duplicate")).otherwise(F.col("_reason")),
+        )
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    try:
+        good = staged.filter(F.col("_reason").isNull())
+        embeddable = served.embeddable(spec.layout)
+        if embeddable is not None:
+            good = good.withColumn("_reason", F.when(~embeddable, F.lit(served.unembeddable)))
+        embedded, _ = embed_frame(
+            good.filter(F.col("_reason").isNull()), spec, carry=("product_id", "title")
+        )
+        ok = embedded.select(
+            "product_id",
+            "title",
+            "embedding",
+            F.lit(None).cast("string").alias("reason"),
+            F.lit(None).cast("string").alias("message"),
+        )
+        bad = (
+            staged.filter(F.col("_reason").isNotNull())
+            .unionByName(good.filter(F.col("_reason").isNotNull()), allowMissingColumns=True)
+            .select(
+                "product_id",
+                "title",
+                F.lit(None).cast(EMBEDDING.dataType).alias("embedding"),
+                F.col("_reason").alias("reason"),
+                F.coalesce("_message", F.lit("the model cannot embed this product")).alias(
+                    "message"
+                ),
+            )
+        )
+        ok.unionByName(bad).write.mode("overwrite").parquet(output)
+        written = spark.read.parquet(output)
+        counts = {
+            row["outcome"]: row["count"]
+            for row in written.groupBy(F.coalesce("reason", F.lit("embedded")).alias("outcome"))
+            .count()
+            .collect()
+        }
+        rows_in = staged.count()
+    finally:
+        staged.unpersist()
+    if sum(counts.values()) != rows_in:
+        raise EmbedError(
+            f"{output}: {sum(counts.values())} rows written for {rows_in} read "
+            f"({counts}): rows were lost (bug: please report)"
+        )
+    return {"in": rows_in, **counts}

@@ -1,0 +1,2 @@
+"""One module per task kind; each registers its `TaskKind` when imported (see
+`pipelines.tasks.contract`)."""
