@@ -1,4 +1,4 @@
-"""Benchmark: the training loader (pipelines/loader.py) against plain `pyarrow.dataset`
+"""Benchmark: the training loader (pipelines/training/loader.py) against plain `pyarrow.dataset`
 batches -> torch tensors, over the same shards with the same batch size, in one run.
 
 The shards are the shard stage's output for the synthetic catalog (built once under
@@ -20,7 +20,10 @@ The last line is `RESULT loader ratio=<ours / plain rows/s>`, both in one proces
 goal >= 0.8.
 
     .venv/bin/python bench/loader.py [--rows 20000] [--batch-size 256] [--epochs 8]
-                                     [--rounds 3] [--step-ms 5] [--fresh]
+                                     [--rounds 3] [--step-ms 5] [--fresh] [--no-subwords]
+
+`--no-subwords` shards without the title's subword ids (the shard layout before issue 18):
+those 384 ids a row are most of the bytes every reader converts.
 """
 
 from __future__ import annotations
@@ -152,12 +155,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--step-ms", type=int, default=5, help="simulated training step")
     parser.add_argument("--fresh", action="store_true", help="rebuild the shards")
+    parser.add_argument(
+        "--no-subwords", action="store_true", help="shards without the title's subword ids"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    config = load_config(
-        overrides=[f"workdir={WORKDIR}", f"catalog.synthetic.rows={args.rows}", "word2vec.epochs=2"]
-    )
+    overrides = [f"workdir={WORKDIR}", f"catalog.synthetic.rows={args.rows}", "word2vec.epochs=2"]
+    if args.no_subwords:
+        overrides.append("shard.subwords.enabled=false")
+    config = load_config(overrides=overrides)
     root = ensure_shards(config, args.fresh)
     manifest = load_manifest(root)
     units = sum(len(f["row_groups"]) for f in manifest["files"]["train"])

@@ -5,8 +5,9 @@ shards, in one run.
 The shards are the shard stage's output for the synthetic catalog (built once under
 work/bench-train through clean, corpus and shard, reused while their settings are
 unchanged), with small row groups so that two ranks get even shares. Both sides run the
-stage's own training function with the stage's defaults (conf/base.yaml: 128-d MRNet, all
-tasks of the catalog, joint optimisation, batch 128 per process). Two processes get half
+stage's own training function with the stage's defaults (MRNet on the 256-d subword bag,
+the contrastive objective beside all tasks of the catalog, joint optimisation, batch 512 per
+process). Two processes get half
 the cores each (the stage's rule). One process runs twice, with every core (the stage's
 rule, torch's default) and with one thread: intra-op threads spin when other work holds
 the cores, which can slow a multi-threaded process tenfold, so the 1-process figure is the

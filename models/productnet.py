@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.mrnet import PAD_ID, TaskHead, check_task_names, word_embeddings
+from models.mrnet import EMBEDDING, PAD_ID, TaskHead, check_task_names, word_embeddings
 
 __all__ = ["BIGRAM_PRIME", "DPCNN", "FIELD_ENCODERS", "AttentionLSTM", "BagOfWords", "ProductNet"]
 
@@ -159,6 +159,7 @@ class ProductNet(nn.Module):
         dropout: float = 0.1,
         pretrained: np.ndarray | Tensor | None = None,
         freeze_embeddings: bool = False,
+        subwords: nn.Module | None = None,
     ) -> None:
         super().__init__()
         unknown = sorted(set(fields) - set(FIELD_ENCODERS))
@@ -181,6 +182,11 @@ class ProductNet(nn.Module):
                 encoders[name] = BagOfWords(word_dim, field_size, bigram_buckets)
         self.encoders = nn.ModuleDict(encoders)
         fused = len(self.fields) * (field_size + 1)  # each field's output and missing flag
+        # The title's subword bag (models.bag.SubwordBag, dim field_size), when given: rare
+        # words and model numbers reach the fusion through their character n-grams.
+        self.subwords = subwords
+        if subwords is not None:
+            fused += field_size
         if image_dim is not None:
             self.image = nn.Sequential(nn.Linear(image_dim, image_size), nn.ReLU())
             fused += image_size + 1
@@ -221,6 +227,8 @@ class ProductNet(nn.Module):
             ids = batch[f"{name}_ids"]
             parts.append(self.encode_field(name, ids))
             flags.append((ids == PAD_ID).all(dim=1))
+        if self.subwords is not None:
+            parts.append(self.subwords(batch).to(parts[0].dtype))
         if self.image_dim is not None:
             missing = batch["image_missing"].to(torch.bool)
             features = batch["image_features"].float().masked_fill(missing.unsqueeze(-1), 0.0)
@@ -233,10 +241,11 @@ class ProductNet(nn.Module):
     def forward(
         self, batch: Mapping[str, Tensor], tasks: Iterable[str] | None = None
     ) -> dict[str, Tensor]:
-        """Outputs of the named tasks' heads (all by default), as pipelines.training.loop expects:
-        multiclass logits [B, C] (the softmax lives in the loss)."""
+        """The embedding and the outputs of the named tasks' heads (all by default), as
+        pipelines.training.loop expects: multiclass logits [B, C] (the softmax lives in the
+        loss), the embedding under `EMBEDDING`."""
         embedding = self.encode(batch)
-        outputs = {}
+        outputs = {EMBEDDING: embedding}
         for name in self.heads.keys() if tasks is None else tasks:
             output = self.heads[name](embedding)
             outputs[name] = output.squeeze(-1) if name in self._scalar else output

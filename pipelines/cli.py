@@ -125,10 +125,8 @@ def _neighbors(config: Config, args: argparse.Namespace) -> str:
 def _embed(config: Config, args: argparse.Namespace) -> str:
     from pipelines.core import tracking
     from pipelines.core.spark import get_spark
-    from pipelines.stages.embed import (  # torch loads only here
-        default_model_uri,
-        embed_file,
-    )
+    from pipelines.model_types.serving import default_model_uri  # torch loads only here
+    from pipelines.stages.embed import embed_file
 
     if not (args.input and args.output):
         raise ConfigError("prodvec embed ad hoc needs both --input and --output")

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-import mlflow
-import pytest
+import logging
 
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipelines.analysis.retrieval import list_vectors
 from pipelines.cli import main
+from pipelines.core.config import load_config
+from pipelines.data.synthetic import generate_catalog
 from pipelines.stages.registry import STAGES
+from pipelines.table import EmbeddingTable
 
 
 def test_config_command_prints_resolved_yaml(capsys):
@@ -55,3 +65,39 @@ def test_run_executes_built_stages_and_summarises(spark, tmp_path, capsys):
     clean_run = next(run for run in children if run.data.tags["prodvec.stage"] == "clean")
     assert clean_run.data.metrics["rows_in"] == 400
     assert clean_run.data.params["catalog.synthetic.rows"] == "400"
+
+
+@pytest.mark.slow
+def test_a_catalog_of_ids_and_titles_runs_the_whole_pipeline(spark, tmp_path, capsys, caplog):
+    """Issue 18: an overlay that maps only product_id and title runs on the defaults. Tasks
+    and probes whose source the catalog lacks are left out, saying so, and the split falls
+    back to unstratified; every clean product gets a unit-length embedding."""
+    products = generate_catalog(rows=400, seed=3, dirty_fraction=0.0)
+    catalog = tmp_path / "titles.csv"
+    products[["sku", "name"]].rename(columns={"sku": "id"}).to_csv(catalog, index=False)
+    overlay = tmp_path / "titles_only.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {"catalog": {"name": "titles_only", "format": "csv", "path": str(catalog),
+                         "columns": {"product_id": "id", "title": "name"}}}
+        )
+    )  # fmt: skip
+    argv = ["run", "--conf", str(overlay), f"workdir={tmp_path / 'work'}",
+            "spark.shuffle_partitions=2", "train.epochs=2"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 0
+    logged = caplog.text
+    assert "does not map the source of category (category_path)" in logged
+    assert "the stratification task subcategory is left out" in logged
+    config = load_config([str(overlay)], [f"workdir={tmp_path / 'work'}"])
+    clean = pq.read_table(config.outputs.clean_catalog, columns=["product_id"])
+    table = EmbeddingTable.from_config(config).snapshot()
+    embeddings = pa.concat_tables(
+        pq.read_table(path, columns=["product_id", "embedding"]) for path in table.files
+    )
+    assert sorted(embeddings.column("product_id").to_pylist()) == sorted(
+        clean.column("product_id").to_pylist()
+    )
+    vectors = list_vectors(embeddings.column("embedding"), "the embedding table")
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert "titles_only" in capsys.readouterr().out

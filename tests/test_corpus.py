@@ -266,6 +266,7 @@ def _cooccurrence_gap(spark, config: Config, result: StageResult) -> tuple[float
     return _mean_cosine(vectors, strong), _mean_cosine(vectors, random_pairs)
 
 
+@pytest.mark.slow
 def test_synthetic_catalog_cooccurring_title_words_are_nearer(spark, tmp_path):
     config = load_config(overrides=[f"workdir={tmp_path}", "catalog.synthetic.rows=2000"])
     run_stage("clean", config, spark)

@@ -22,14 +22,15 @@ from pyspark.sql import functions as F
 
 from models.autoencoders import GroupSparseAutoencoder
 from models.encoders import GroupEncoder, TitleEncoder
-from models.mrnet import MRNet, TaskHead
+from models.mrnet import BiLSTMTitles, MRNet, TaskHead
 from pipelines import cli
 from pipelines.core import tracking
 from pipelines.core.config import Config, load_config
 from pipelines.data.catalog import read_clean
 from pipelines.data.tokenizer import PAD_ID, Vocabulary, tokenize
+from pipelines.model_types.serving import cached_model, prepare_model
 from pipelines.stages import clean
-from pipelines.stages.embed import cached_model, embed_frame, prepare_model
+from pipelines.stages.embed import embed_frame
 from pipelines.stages.registry import run_stage
 from pipelines.table import EmbeddingTable
 from pipelines.training.publish import log_and_register
@@ -41,7 +42,7 @@ NAME = "prodvec-mrnet-synthetic"
 def _mrnet(vocabulary: Vocabulary, seed: int) -> MRNet:
     torch.manual_seed(seed)
     return MRNet(
-        len(vocabulary) + 2, 8, [TaskHead("flag", "binary", 1, scalar=True)], embedding_size=8
+        BiLSTMTitles(len(vocabulary) + 2, 8, 8), [TaskHead("flag", "binary", 1, scalar=True)]
     )
 
 
@@ -87,7 +88,7 @@ def base(spark, tmp_path_factory) -> tuple[Config, Vocabulary, str]:
     )
     vocabulary = Vocabulary.from_counts(titles["word"], titles["count"], min_count=2)
     vocabulary.save(workdir / "export" / "vocabulary.parquet")
-    uri = register(config, TitleEncoder(_mrnet(vocabulary, 1)), NAME)
+    uri = register(config, TitleEncoder(_mrnet(vocabulary, 1), MAX_LEN), NAME)
     return config, vocabulary, uri
 
 
@@ -153,7 +154,7 @@ def test_model_loads_once_per_python_worker(spark, base, tmp_path):
     Spark forks a new worker when none is idle at task start, so the exact count depends on
     timing; loading per task would give sixteen."""
     config, vocabulary, _ = base
-    uri = register(config, TitleEncoder(_mrnet(vocabulary, 5)), "prodvec-loads")
+    uri = register(config, TitleEncoder(_mrnet(vocabulary, 5), MAX_LEN), "prodvec-loads")
     spec = prepare_model(uri, tmp_path / "models")
     frame = read_clean(spark, config).repartition(16)
     embedded, loads = embed_frame(frame, spec)
@@ -164,7 +165,7 @@ def test_model_loads_once_per_python_worker(spark, base, tmp_path):
 
 def test_worker_cache_loads_a_model_once(base, tmp_path):
     config, vocabulary, _ = base
-    uri = register(config, TitleEncoder(_mrnet(vocabulary, 5)), "prodvec-cache")
+    uri = register(config, TitleEncoder(_mrnet(vocabulary, 5), MAX_LEN), "prodvec-cache")
     spec = prepare_model(uri, tmp_path / "models")
     cpu = torch.device("cpu")
     first, _, loaded_first = cached_model(spec, cpu)
@@ -227,7 +228,7 @@ def test_incremental_then_full_refresh(spark, base, tmp_path):
         atol=1e-6,
     )
 
-    new_uri = register(base[0], TitleEncoder(_mrnet(vocabulary, 2)), NAME)
+    new_uri = register(base[0], TitleEncoder(_mrnet(vocabulary, 2), MAX_LEN), NAME)
     fourth = run_stage(
         "embed",
         config.model_copy(
@@ -295,6 +296,7 @@ def test_group_model(spark, base, tmp_path):
         groups,
         [_mrnet(vocabulary, 10 + i) for i in range(len(groups))],
         GroupSparseAutoencoder(len(groups), 8),
+        MAX_LEN,
     )
     uri = register(config, module, "prodvec-mrnet-pg-synthetic", group=True)
     config = scratch(config, tmp_path, f"embed.model_uri={uri}")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models.autoencoders import CrossLocaleAutoencoder, GroupSparseAutoencoder
-from models.mrnet import MRNet, TaskHead
+from models.mrnet import BiLSTMTitles, MRNet, TaskHead
 from pipelines.tasks import kind_of, task_loss
 from pipelines.training.objectives import LossNormaliser, multitask_loss, sample_task
 
@@ -61,9 +61,14 @@ def make_batch(gen: torch.Generator, size: int, labelled: float = 0.8) -> dict[s
     return batch
 
 
-def make_model(**kwargs) -> MRNet:
+def mrnet(tasks=TASKS, size: int = SIZE, **encoder) -> MRNet:
+    """MRNet on the paper's BiLSTM title encoder."""
+    return MRNet(BiLSTMTitles(VOCAB, WORD_DIM, size, **encoder), tasks)
+
+
+def make_model(**encoder) -> MRNet:
     torch.manual_seed(0)
-    return MRNet(VOCAB, WORD_DIM, TASKS, embedding_size=SIZE, **kwargs)
+    return mrnet(**encoder)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,9 +126,11 @@ def test_task_head_rejects_inconsistent_specs(name, kind, outputs, entry):
 
 def test_task_names_must_be_unique_and_not_module_attributes():
     with pytest.raises(ValueError, match="unique"):
-        MRNet(VOCAB, WORD_DIM, [TASKS[0], TASKS[0]], embedding_size=SIZE)
+        mrnet([TASKS[0], TASKS[0]])
     with pytest.raises(ValueError, match="clash"):
-        MRNet(VOCAB, WORD_DIM, [head("type", "multiclass", 3)], embedding_size=SIZE)
+        mrnet([head("type", "multiclass", 3)])
+    with pytest.raises(ValueError, match="clash"):
+        mrnet([head("embedding", "multiclass", 3)])  # the embedding's own output key
 
 
 # -- the network -----------------------------------------------------------------------------
@@ -132,36 +139,43 @@ def test_task_names_must_be_unique_and_not_module_attributes():
 def test_output_shapes_per_task_kind(batch):
     model = make_model()
     outputs = model(batch)
-    assert model.encode(batch["title_ids"], batch["title_len"]).shape == (16, SIZE)
+    assert model.encode(batch).shape == (16, SIZE)
     assert {name: tuple(out.shape) for name, out in outputs.items()} == {
+        "embedding": (16, SIZE),
         "colour": (16, 3),
         "flag": (16,),
         "price": (16,),
         "category": (16, 3),
         "tfidf": (16, DECODED),
     }
-    assert list(model(batch, tasks=["price"])) == ["price"]
+    assert list(model(batch, tasks=["price"])) == ["embedding", "price"]
 
 
 def test_embedding_size_splits_into_two_directions():
-    assert make_model().lstm.hidden_size == SIZE // 2
+    assert make_model().encoder.lstm.hidden_size == SIZE // 2
     with pytest.raises(ValueError, match="even"):
-        MRNet(VOCAB, WORD_DIM, TASKS, embedding_size=33)
+        mrnet(size=33)
 
 
 def test_padding_and_batch_company_do_not_change_the_embedding(batch):
     model = make_model().eval()
     ids, lengths = batch["title_ids"], batch["title_len"]
     with torch.no_grad():
-        reference = model.encode(ids, lengths)
+        reference = model.encode({"title_ids": ids, "title_len": lengths})
         # Longer padding, and garbage ids where the padding is: neither may reach the states.
         padded = torch.cat((ids, torch.zeros(16, 7, dtype=torch.int64)), dim=1)
         garbage = torch.where(padded == 0, torch.randint(2, VOCAB, padded.shape), padded)
-        assert torch.allclose(model.encode(padded, lengths), reference, atol=1e-6)
-        assert torch.allclose(model.encode(garbage, lengths), reference, atol=1e-6)
+        assert torch.allclose(
+            model.encode({"title_ids": padded, "title_len": lengths}), reference, atol=1e-6
+        )
+        assert torch.allclose(
+            model.encode({"title_ids": garbage, "title_len": lengths}), reference, atol=1e-6
+        )
         # Packing sorts by length internally; each row must come back in its own place.
         for i in (0, 5, 15):
-            alone = model.encode(ids[i : i + 1, : int(lengths[i])], lengths[i : i + 1])
+            alone = model.encode(
+                {"title_ids": ids[i : i + 1, : int(lengths[i])], "title_len": lengths[i : i + 1]}
+            )
             assert torch.allclose(alone, reference[i : i + 1], atol=1e-6)
 
 
@@ -171,14 +185,22 @@ def test_final_states_see_the_whole_title(batch):
     ids, lengths = batch["title_ids"].clone(), batch["title_len"]
     rows = torch.arange(16)
     with torch.no_grad():
-        reference = model.encode(ids, lengths)
+        reference = model.encode({"title_ids": ids, "title_len": lengths})
         last = ids.clone()
         last[rows, lengths - 1] = (last[rows, lengths - 1] - 1) % (VOCAB - 2) + 2
         first = ids.clone()
         first[:, 0] = (first[:, 0] - 1) % (VOCAB - 2) + 2
         half = SIZE // 2
-        moved_fwd = (model.encode(last, lengths) - reference)[:, :half].abs().amax(dim=1)
-        moved_bwd = (model.encode(first, lengths) - reference)[:, half:].abs().amax(dim=1)
+        moved_fwd = (
+            (model.encode({"title_ids": last, "title_len": lengths}) - reference)[:, :half]
+            .abs()
+            .amax(dim=1)
+        )
+        moved_bwd = (
+            (model.encode({"title_ids": first, "title_len": lengths}) - reference)[:, half:]
+            .abs()
+            .amax(dim=1)
+        )
     assert (moved_fwd > 1e-4).all() and (moved_bwd > 1e-4).all()
 
 
@@ -187,21 +209,21 @@ def test_pretrained_vectors_are_copied_and_frozen_on_request(batch, freeze):
     vectors = np.random.default_rng(0).normal(size=(VOCAB, WORD_DIM)).astype(np.float32)
     vectors[0] = 0.0
     model = make_model(pretrained=vectors, freeze_embeddings=freeze)
-    assert torch.equal(model.words.weight.detach(), torch.from_numpy(vectors))
+    assert torch.equal(model.encoder.words.weight.detach(), torch.from_numpy(vectors))
     vectors[2] = 99.0  # a copy, not a view of the caller's array
-    assert not torch.equal(model.words.weight[2].detach(), torch.full((WORD_DIM,), 99.0))
+    assert not torch.equal(model.encoder.words.weight[2].detach(), torch.full((WORD_DIM,), 99.0))
     total, _ = multitask_loss(model(batch), batch, TASKS, LossNormaliser(TASKS))
     total.backward()
-    assert model.words.weight.requires_grad is not freeze
-    assert (model.words.weight.grad is None) is freeze
-    assert model.lstm.weight_ih_l0.grad is not None
+    assert model.encoder.words.weight.requires_grad is not freeze
+    assert (model.encoder.words.weight.grad is None) is freeze
+    assert model.encoder.lstm.weight_ih_l0.grad is not None
 
 
 def test_pretrained_vectors_may_be_a_tensor_of_any_float_type():
     vectors = torch.randn(VOCAB, WORD_DIM, dtype=torch.float64)
     model = make_model(pretrained=vectors)
-    assert model.words.weight.dtype == torch.float32
-    assert torch.equal(model.words.weight.detach(), vectors.float())
+    assert model.encoder.words.weight.dtype == torch.float32
+    assert torch.equal(model.encoder.words.weight.detach(), vectors.float())
 
 
 def test_pretrained_vectors_of_the_wrong_shape_are_refused():
@@ -215,6 +237,7 @@ def test_pretrained_vectors_of_the_wrong_shape_are_refused():
 def test_unlabelled_rows_do_not_change_the_loss_or_its_gradient(batch):
     with torch.no_grad():
         outputs = make_model()(batch)
+        outputs.pop("embedding")  # the heads only
     changed = dict(batch)
     for task in TASKS:
         unlabelled = ~batch[f"{task.name}_mask"]
@@ -341,8 +364,8 @@ def test_alternating_step_updates_only_its_head_and_the_encoder(batch):
     for name, param in model.heads.named_parameters():
         assert (param.grad is not None) is name.startswith("price."), name
     assert model.heads["price"].weight.grad.abs().sum() > 0
-    assert all(p.grad is not None for p in model.lstm.parameters())
-    assert model.words.weight.grad is not None
+    assert all(p.grad is not None for p in model.encoder.lstm.parameters())
+    assert model.encoder.words.weight.grad is not None
     optimiser.step()
     for name, param in model.named_parameters():
         moved = not torch.equal(param, before[name])
@@ -402,7 +425,7 @@ def test_state_dict_round_trip(tmp_path, batch):
     torch.save({"model": model.state_dict(), "normaliser": normaliser.state_dict()}, tmp_path / "c")
     state = torch.load(tmp_path / "c", weights_only=True)
     torch.manual_seed(123)
-    restored = MRNet(VOCAB, WORD_DIM, TASKS, embedding_size=SIZE, freeze_embeddings=True)
+    restored = mrnet(freeze_embeddings=True)
     restored.load_state_dict(state["model"])
     restored_norm = LossNormaliser(TASKS)
     restored_norm.load_state_dict(state["normaliser"])

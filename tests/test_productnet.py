@@ -107,7 +107,7 @@ def test_outputs_and_embedding_shapes(fields, image_dim) -> None:
     assert outputs["leaf"].shape == (5, 7) and outputs["price"].shape == (5,)
     embedding = model.encode(batch)
     assert embedding.shape == (5, 10) and torch.isfinite(embedding).all()
-    assert set(model(batch, tasks=["price"])) == {"price"}
+    assert set(model(batch, tasks=["price"])) == {"embedding", "price"}
 
 
 @pytest.mark.parametrize("field", list(FIELDS))
@@ -189,7 +189,7 @@ def test_bag_is_word_order_sensitive_only_through_bigrams() -> None:
     [
         ({"fields": {"title": 4, "colour": 3}}, "fields must be some of"),
         ({"fields": {}}, "fields must be some of"),
-        ({"tasks": []}, "task names must be present"),
+        ({"tasks": [TASKS[0], TASKS[0]]}, "task names must be unique"),
         ({"pretrained": np.zeros((3, 8))}, "pretrained vectors are"),
     ],
 )
@@ -218,7 +218,8 @@ def test_served_form_gives_the_trained_modules_embedding(image_dim) -> None:
     unpacked = served.unpack(torch.from_numpy(packed))
     if image_dim:  # the features cross bit for bit
         assert torch.equal(unpacked["image_features"], batch["image_features"])
-    assert torch.allclose(served(torch.from_numpy(packed)), model.encode(batch))
+    expected = torch.nn.functional.normalize(model.encode(batch), dim=1)  # served: unit length
+    assert torch.allclose(served(torch.from_numpy(packed)), expected, atol=1e-6)
     with pytest.raises(ValueError, match="columns, expected"):
         served(torch.from_numpy(packed[:, 1:]))
 
@@ -470,7 +471,7 @@ def test_embed_stage_serves_the_master_model(trained, spark) -> None:
     compared = 0
     for batch in make_loader(shard_dir, "test", 64, shuffle=False):
         with torch.no_grad():
-            expected = model.encode(batch).numpy()
+            expected = torch.nn.functional.normalize(model.encode(batch), dim=1).numpy()
         actual = np.stack([by_id[p] for p in products[batch["row_id"].numpy()]])
         np.testing.assert_allclose(actual, expected, atol=1e-5)
         compared += len(actual)

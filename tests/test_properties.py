@@ -57,6 +57,8 @@ FRAGMENTS = [
     "🙂",
 ]
 TEXT = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(FRAGMENTS)), max_size=8).map("".join)
+pytestmark = pytest.mark.slow  # each example is a Spark job: a minute of searching
+
 PROPERTY_SETTINGS = settings(
     max_examples=8,
     deadline=None,

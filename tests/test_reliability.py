@@ -21,13 +21,14 @@ from pydantic import BaseModel
 from pyspark.sql import types as T
 
 from models.encoders import TitleEncoder
-from models.mrnet import MRNet, TaskHead
+from models.mrnet import BiLSTMTitles, MRNet, TaskHead
 from pipelines.cli import main
 from pipelines.core.config import Config, load_config
 from pipelines.core.errors import ConfigError
 from pipelines.core.faults import FAULT_VARIABLE, task_error
 from pipelines.model_types.contract import InputLayout
-from pipelines.stages.embed import ModelSpec, embed_frame
+from pipelines.model_types.serving import ModelSpec
+from pipelines.stages.embed import embed_frame
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -185,7 +186,7 @@ def test_a_real_executor_error_in_embed_names_the_row_batch(spark, tmp_path):
     FileNotFoundError reaches the driver as the TaskError of that batch."""
     torch.manual_seed(0)
     module = TitleEncoder(
-        MRNet(50, 8, [TaskHead("flag", "binary", 1, scalar=True)], embedding_size=8)
+        MRNet(BiLSTMTitles(50, 8, 8), [TaskHead("flag", "binary", 1, scalar=True)]), 12
     )
     folder = tmp_path / "model"
     # As the train stage logs it, but without extra_files/vocabulary.parquet.
@@ -218,6 +219,7 @@ def test_a_real_executor_error_in_embed_names_the_row_batch(spark, tmp_path):
 # ---- training processes outlive no driver ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_training_process_exits_when_its_local_driver_is_killed():
     """torchrun's processes are the driver's grandchildren: SIGKILL on the driver reaches
     neither, so each one watches the driver's pid (pipelines.training.loop.exit_with_driver)."""
@@ -322,7 +324,7 @@ SOURCE_DIRS = ("pipelines", "models", "jobs", "bench", "deploy")
 # folder that passed the path confinement of embed.model_uri: embed (the stage's model),
 # evaluate (the model URI the embed commit recorded), the embed bench.
 PICKLED_MODEL_LOADERS = {
-    "pipelines/stages/embed.py",
+    "pipelines/model_types/serving.py",
     "pipelines/stages/evaluate.py",
     "bench/embed.py",
 }

@@ -417,8 +417,13 @@ def test_failures_are_clear_and_keep_the_published_shards(spark, built, tmp_path
     config, _ = built
     manifest = (config.outputs.shards / MANIFEST).read_text()
     nolabel = {"name": "nothing", "kind": "multiclass", "source": "attributes.nope", "top_n": 3}
+    # Mapped by the catalog but empty in every row: an error. (Unmapped, it is left out.)
+    attributes = {**config.catalog.attributes, "nope": "nope"}
+    mapped = config.model_copy(
+        update={"catalog": config.catalog.model_copy(update={"attributes": attributes})}
+    )
     with pytest.raises(ShardError, match="no train product has a label"):
-        shard.run(spark, with_shard(config, tasks=[*TASKS, nolabel]))
+        shard.run(spark, with_shard(mapped, tasks=[*TASKS, nolabel]))
     assert (config.outputs.shards / MANIFEST).read_text() == manifest
     assert not list(config.outputs.root.glob(".shard-*"))
     badsource = {"name": "bad", "kind": "regression", "source": "weight"}

@@ -105,6 +105,7 @@ def manifest_of(config: Config) -> dict:
 # -- learning --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimisation", ["joint", "alternating"])
 def test_every_task_kind_learns(built, tmp_path, optimisation):
     """Both optimisations lower every task's validation loss from the untrained model's."""
@@ -282,16 +283,21 @@ def test_stage_with_two_gloo_processes_logs_and_registers(spark, built):
     assert best["epoch"] == outcome["best_epoch"]
     served = mlflow.pyfunc.load_model(f"models:/{name}@{CANDIDATE}")
     signature = served.metadata.signature
-    assert signature.inputs.inputs[0].shape == (-1, 16)
-    ids = pq.read_table(config.outputs.shards / "test", columns=["title_ids"])
-    ids = np.stack(ids.column(0).to_numpy(zero_copy_only=False)[:8]).astype(np.int64)
+    width = manifest_of(config)["subwords"]["width"]
+    assert signature.inputs.inputs[0].shape == (-1, 16 + width)  # title ids, subword ids
+    shard = pq.read_table(config.outputs.shards / "test", columns=["title_ids", "title_subwords"])
+    ids = np.concatenate(
+        [np.stack(shard.column(c).to_numpy(zero_copy_only=False)[:8]) for c in shard.column_names],
+        axis=1,
+    ).astype(np.int64)
     embedding = served.predict(ids)
     assert embedding.shape == (8, 16)
+    assert np.allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)  # L2-normalised
     model = model_type("mrnet").load_trained(
         config, config.outputs.shards, run_dir, config.outputs.training / "word_vectors.npy"
     )
     with torch.no_grad():
-        expected = TitleEncoder(model)(torch.from_numpy(ids)).numpy()
+        expected = TitleEncoder(model, 16, width)(torch.from_numpy(ids)).numpy()
     assert np.allclose(embedding, expected, atol=1e-6)
     extra = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CANDIDATE}"))
     labels = json.loads((extra / "extra_files" / "labels.json").read_text())
@@ -366,19 +372,23 @@ def test_per_group_models_and_group_autoencoder(spark, grouped):
     assert model.groups == sorted(groups) == state["groups"]
     # A row of group g: g's MRNet embeds the title, the autoencoder maps it (2 x 16 dims).
     g = 1
-    ids = pq.read_table(
+    rows = pq.read_table(
         grouped.outputs.shards / f"group={model.groups[g]}" / "test",
-        columns=["title_ids", "title_len"],
+        columns=["title_ids", "title_len", "title_subwords"],
     )
-    title_ids = torch.from_numpy(
-        np.stack(ids.column(0).to_numpy(zero_copy_only=False)[:4]).astype(np.int64)
-    )
-    lengths = torch.from_numpy(ids.column(1).to_numpy()[:4].astype(np.int64))
-    inputs = torch.cat((torch.full((4, 1), g), title_ids), dim=1)
+    title = {
+        name: torch.from_numpy(
+            np.stack(rows.column(name).to_numpy(zero_copy_only=False)[:4]).astype(np.int64)
+            if name != "title_len"
+            else rows.column(name).to_numpy()[:4].astype(np.int64)
+        )
+        for name in rows.column_names
+    }
+    inputs = torch.cat((torch.full((4, 1), g), title["title_ids"], title["title_subwords"]), 1)
     with torch.no_grad():
         embedding = model(inputs)
-        expected = model.autoencoder.encode(
-            model.encoders[g].encode(title_ids, lengths), torch.full((4,), g)
+        expected = torch.nn.functional.normalize(
+            model.autoencoder.encode(model.encoders[g].encode(title), torch.full((4,), g)), dim=1
         )
     assert embedding.shape == (4, 32)
     assert torch.allclose(embedding, expected, atol=1e-6)

@@ -37,6 +37,7 @@ __all__ = [
     "CleanConfig",
     "ColumnMap",
     "Config",
+    "ContrastiveConfig",
     "EmbedConfig",
     "EvaluateConfig",
     "FinetuneConfig",
@@ -50,6 +51,7 @@ __all__ = [
     "SparkConfig",
     "SplitConfig",
     "Strict",
+    "SubwordConfig",
     "SyntheticConfig",
     "TextField",
     "TrackingConfig",
@@ -193,6 +195,26 @@ class SplitConfig(Strict):
         return self
 
 
+class SubwordConfig(Strict):
+    """Hashed character n-grams of each title token (`pipelines.data.subwords`), so rare words
+    and model numbers carry signal; the subword bag encoder reads them."""
+
+    enabled: bool = True
+    buckets: int = Field(1 << 18, ge=2)  # a power of two (Spark's pmod(xxhash64) agrees then)
+    n_min: int = Field(3, ge=1)
+    n_max: int = Field(5, ge=1)
+    per_word: int = Field(32, ge=1)  # ids kept per token: "<token>" itself, then its n-grams
+    width: int = Field(384, ge=1)  # ids kept per title (a title of 32 tokens uses ~150-350)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SubwordConfig:
+        if self.buckets & (self.buckets - 1):
+            raise ValueError(f"buckets must be a power of two, got {self.buckets}")
+        if self.n_min > self.n_max:
+            raise ValueError(f"n_min {self.n_min} is above n_max {self.n_max}")
+        return self
+
+
 class ShardConfig(Strict):
     """Shard stage: token ids, task labels, split, Parquet shards for the training loader."""
 
@@ -200,6 +222,7 @@ class ShardConfig(Strict):
     text_fields: dict[TextField, int] = Field(
         default_factory=lambda: dict[TextField, int]({"title": 32})
     )  # field -> ids per product
+    subwords: SubwordConfig = SubwordConfig()  # of the title
     split: SplitConfig = SplitConfig()
     per_group: bool = False  # one shard set per product group (train.model: mrnet_per_group)
     min_group_rows: int = Field(100, ge=1)  # per_group: smaller groups get no shard set
@@ -215,7 +238,14 @@ class ShardConfig(Strict):
         names = [task.name for task in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names repeat: {names}")
-        reserved = {"row_id", "product_id", "image_features", "image_missing"}
+        reserved = {
+            "row_id",
+            "product_id",
+            "image_features",
+            "image_missing",
+            "embedding",
+            "title_subwords",
+        }
         reserved |= {f"{field}_{part}" for field in self.text_fields for part in ("ids", "len")}
         clashes = [name for name in names if name in reserved or name.endswith("_mask")]
         if clashes:
@@ -267,21 +297,40 @@ class ProductNetConfig(Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
 
+class ContrastiveConfig(Strict):
+    """Self-supervised contrastive learning on the catalog itself (SimCSE / Sudowoodo style,
+    `pipelines.training.contrastive`): two augmented views of every product in a batch,
+    in-batch negatives, symmetric InfoNCE at `temperature`, added to the task heads' losses
+    with `weight`. It makes the embedding a similarity space. The defaults are the choices
+    measured on the WDC matching pairs (README, "Finding the same product")."""
+
+    weight: float = Field(1.0, ge=0.0)  # 0: off (the task heads alone)
+    temperature: float = Field(0.15, gt=0.0)
+    subword_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # each subword id of a view dropped
+    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # each word id (its subwords stay)
+    seed: int | None = None  # None: the training seed
+
+
 class TrainConfig(Strict):
     """Train stage: MRNet or the ProductNet master model with data-parallel PyTorch launched
     from Spark (TorchDistributor), or in the driver for debugging (`distributed: false` or
     `num_processes: 1`)."""
 
     model: str = "mrnet"  # a model type (pipelines/model_types/kinds/)
+    # mrnet's title encoder: bag (IDF-weighted word + subword vectors, needs shard.subwords) or
+    # bilstm (the paper's BiLSTM over word2vec vectors)
+    encoder: Literal["bag", "bilstm"] = "bag"
+    contrastive: ContrastiveConfig = ContrastiveConfig()
 
-    # Sized so a 20k-product catalog trains in about a minute on 2 CPU cores; clusters raise
-    # epochs, batch_size and num_processes (one process per GPU).
-    epochs: int = Field(4, ge=1)
-    batch_size: int = Field(128, ge=1)  # per process: the global batch is this x processes
-    lr: float = Field(0.005, gt=0)
+    # The contrastive objective's measured recipe (README, "Finding the same product"): large
+    # batches (more in-batch negatives), Adam at 1e-3, 20 epochs; early stopping ends a run
+    # sooner when the validation loss stops falling. Clusters raise num_processes.
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(512, ge=2)  # per process: the global batch is this x processes
+    lr: float = Field(0.001, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(5.0, gt=0)  # max gradient norm; None: no clipping
-    embedding_size: int = Field(128, ge=2, multiple_of=2)  # the paper: 128 (per group), 256
+    embedding_size: int = Field(256, ge=2, multiple_of=2)  # the paper: 128 (per group), 256
     freeze_embeddings: bool = False  # keep the word2vec vectors fixed
     optimisation: Literal["joint", "alternating"] = "joint"
     tasks: list[str] = Field(default_factory=list)  # shard tasks to train on; empty: all
@@ -303,6 +352,17 @@ class TrainConfig(Strict):
     group_autoencoder: GroupAutoencoderConfig = GroupAutoencoderConfig()
     productnet: ProductNetConfig = ProductNetConfig()
 
+    @model_validator(mode="after")
+    def _views_differ(self) -> TrainConfig:
+        views = self.contrastive
+        if views.weight and self.encoder == "bilstm" and not views.word_dropout:
+            raise ValueError(
+                "train.encoder bilstm reads no subword ids, so contrastive views "
+                "differ only by train.contrastive.word_dropout: set it above 0 "
+                "(or contrastive.weight: 0)"
+            )
+        return self
+
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
@@ -319,7 +379,7 @@ class EmbedConfig(Strict):
 
     table_path: str | None = None  # None: <workdir>/<catalog>/embed/table
     writer: Literal["deltalake", "delta-spark"] = "deltalake"  # delta-spark: needs its jar
-    rows_per_file: int = Field(400_000, ge=1)  # ~256 MB at 128-d float32
+    rows_per_file: int = Field(400_000, ge=1)  # ~450 MB at 256-d float32
     vacuum_retention_hours: int = Field(168, ge=0)  # must exceed the longest embed job
     # The model: null means the train stage's registered model (train.model's registered name,
     # e.g. prodvec-mrnet-<catalog>) at alias @candidate.
@@ -366,6 +426,12 @@ class EvaluateConfig(Strict):
     top_k: list[int] = Field(default_factory=lambda: [1, 3, 5])
     retrieval_queries: int = Field(200, ge=0)  # diverse queries for MAR@k; 0: no retrieval
     retrieval_k: int = Field(10, ge=1)
+    # The matching report (pipelines.analysis.matching): perturbed copies of this many sampled
+    # products' titles search the table, embeddings against TF-IDF; 0: no report.
+    matching_queries: int = Field(500, ge=0)
+    matching_word_dropout: float = Field(0.15, ge=0.0, lt=1.0)
+    matching_char_noise: float = Field(0.2, ge=0.0, le=1.0)
+    anisotropy_rows: int = Field(2000, ge=0)  # sample pairs for the mean cosine; 0: none
     tsne_rows: int = Field(2000, ge=0)  # 0: no t-SNE picture
     neighbour_queries: int = Field(20, ge=0)  # sample products in the neighbour table
     neighbours: int = Field(10, ge=1)

@@ -21,6 +21,7 @@ __all__ = ["get_spark", "under_spark_submit"]
 log = logging.getLogger(__name__)
 
 _LOG4J = Path(__file__).resolve().parents[2] / "conf" / "log4j2.properties"
+JAVA_OPTIONS = "spark.driver.extraJavaOptions"
 
 
 def under_spark_submit() -> bool:
@@ -63,12 +64,14 @@ def get_spark(config: SparkConfig) -> SparkSession:
         .config("spark.ui.enabled", "false")
         .config("spark.sql.warehouse.dir", str(Path.cwd() / "work" / "spark-warehouse"))
     )
+    # The quiet log4j2 file rides beside any JVM options of the user's (spark.conf).
+    java_options = [config.conf.get(JAVA_OPTIONS, "")]
     if _LOG4J.is_file():
-        builder = builder.config(
-            "spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{_LOG4J}"
-        )
+        java_options.insert(0, f"-Dlog4j2.configurationFile=file:{_LOG4J}")
+    builder = builder.config(JAVA_OPTIONS, " ".join(filter(None, java_options)))
     for key, value in _session_defaults(config).items():
-        builder = builder.config(key, value)
+        if key != JAVA_OPTIONS:
+            builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     log.info("Spark %s session on %s", spark.version, spark.sparkContext.master)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,11 +19,13 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.core.config import Config
+from pipelines.core.config import CatalogConfig, Config
 from pipelines.core.errors import CatalogError
 
 if TYPE_CHECKING:
     from pipelines.tasks.contract import TaskSpec
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CLEAN_SCHEMA",
@@ -30,6 +33,8 @@ __all__ = [
     "check_sources",
     "clean_files_stamp",
     "content_hash",
+    "mapped",
+    "mapped_tasks",
     "quarantine_counts",
     "read_clean",
 ]
@@ -123,3 +128,28 @@ def check_sources(tasks: Sequence[TaskSpec]) -> None:
                 f"column; use one of {sorted(scalar)}, attributes.<key>, "
                 "category_path[<level>] or category_path"
             )
+
+
+def mapped(catalog: CatalogConfig, source: str) -> bool:
+    """Whether a task source can hold data in this catalog: its column is mapped (`title`,
+    `product_group`, `locale` and `content_hash` always are)."""
+    columns = catalog.columns
+    if source.startswith("attributes."):
+        return source.split(".", 1)[1] in catalog.attributes
+    if source.startswith("category_path"):
+        return columns.category_path is not None
+    if source in ("title", "title_raw", "product_id", "product_group", "locale", "source",
+                  "content_hash"):  # fmt: skip
+        return True
+    return getattr(columns, source, None) is not None
+
+
+def mapped_tasks(catalog: CatalogConfig, tasks: Sequence[TaskSpec], what: str) -> list[TaskSpec]:
+    """The tasks whose source this catalog maps; one log line for the others (`what` says
+    which setting they came from), so any catalog runs on the same defaults."""
+    kept = [task for task in tasks if mapped(catalog, task.source)]
+    left = [f"{task.name} ({task.source})" for task in tasks if task not in kept]
+    if left:
+        log.info("%s: catalog %s does not map the source of %s: left out", what, catalog.name,
+                 ", ".join(left))  # fmt: skip
+    return kept

@@ -33,6 +33,8 @@ __all__ = [
 FORMAT = "prodvec.shards/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation", "test")
+SUBWORDS_COLUMN = "title_subwords"  # the title's subword ids
+TITLE_TERMS = "title_terms.parquet"  # document frequency of each title word and subword id
 Layout = Literal["fixed", "scalar", "label", "sparse"]
 
 
@@ -100,3 +102,32 @@ def shard_sets(shard_dir: Path) -> dict[str | None, Path]:
     if "groups" not in manifest:
         return {None: Path(shard_dir)}
     return {group: Path(shard_dir) / entry["path"] for group, entry in manifest["groups"].items()}
+
+
+@dataclass(frozen=True)
+class TitleTerms:
+    """A shard set's title statistics: how many titles, and in how many of them each word id
+    and each subword id occurs (`word_df` by id, `subword_ids` sorted with `subword_df`)."""
+
+    documents: int
+    word_df: np.ndarray
+    subword_ids: np.ndarray
+    subword_df: np.ndarray
+
+    def idf(self, df: np.ndarray) -> np.ndarray:
+        """Smoothed IDF, ln((1 + N) / (1 + df)) + 1, as float32."""
+        return (np.log((1 + self.documents) / (1 + df)) + 1).astype(np.float32)
+
+
+def title_terms(shard_dir: Path, manifest: dict[str, Any]) -> TitleTerms:
+    """The statistics the shard stage wrote beside a shard set's splits."""
+    entry = manifest.get("subwords")
+    if not entry:
+        raise ShardError(f"{shard_dir} has no subword ids (shard.subwords.enabled was false)")
+    table = pq.read_table(Path(shard_dir) / entry["terms"])
+    kinds = table.column("kind").to_numpy(zero_copy_only=False)
+    ids, df = table.column("id").to_numpy(), table.column("df").to_numpy()
+    word_df = np.zeros(manifest["vocabulary"]["size"], dtype=np.int64)
+    words = kinds == "word"
+    word_df[ids[words]] = df[words]
+    return TitleTerms(entry["documents"], word_df, ids[~words], df[~words])

@@ -114,7 +114,7 @@ class ModelType:
         return {"model": self.name, **self.settings(config)}
 
     def factory(self, config: Config, vectors: Path) -> ModelFactory:
-        """A picklable (manifest, heads, init_from=None) -> network, for the training
+        """A picklable (shard set folder, heads, init_from=None) -> network, for the training
         processes; `init_from` a checkpoint whose weights the network starts from."""
         raise NotImplementedError
 
@@ -122,8 +122,8 @@ class ModelType:
         self, config: Config, shard_dir: Path, run_dir: Path, vectors: Path
     ) -> nn.Module:
         """The best epoch's network of a run, on the CPU, in eval mode."""
-        manifest = load_manifest(shard_dir)
-        model = self.factory(config, vectors)(manifest, task_heads(manifest, config.train.tasks))
+        heads = task_heads(load_manifest(shard_dir), config.train.tasks)
+        model = self.factory(config, vectors)(shard_dir, heads)
         model.load_state_dict(load_checkpoint(run_dir / BEST)["model"])
         return model.eval()
 

@@ -25,163 +25,49 @@ input row (rows the clean stage would quarantine carry its reason and no embeddi
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import mlflow
 import numpy as np
 import pyarrow as pa
-import torch
-from mlflow import MlflowClient
-from pyspark import SparkFiles, StorageLevel
+from pyspark import StorageLevel
 from pyspark.accumulators import Accumulator
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-from torch import nn
 
 from pipelines.core import faults
 from pipelines.core.config import CatalogConfig, ColumnMap, Config
-from pipelines.core.devices import infer, task_inference
+from pipelines.core.devices import task_inference
 from pipelines.core.errors import EmbedError
 from pipelines.core.outputs import StageResult
 from pipelines.data.catalog import read_clean
-from pipelines.data.tokenizer import VOCABULARY_FILE, Vocabulary
-from pipelines.model_types.contract import InputLayout, ModelType
-from pipelines.model_types.registry import model_type, model_type_names, model_type_of
+from pipelines.model_types.registry import model_type
+from pipelines.model_types.serving import (
+    SHIPPED,
+    ModelSpec,
+    cached_model,
+    default_model_uri,
+    embed_batch,
+    input_columns,
+    prepare_model,
+)
 from pipelines.stages import clean
 from pipelines.table import EmbeddingTable
 
-__all__ = [
-    "EMBEDDING",
-    "ModelSpec",
-    "cached_model",
-    "default_model_uri",
-    "embed_file",
-    "embed_frame",
-    "infer_format",
-    "input_columns",
-    "pin",
-    "prepare_model",
-    "run",
-    "served_type",
-    "ship",
-]
+__all__ = ["EMBEDDING", "embed_file", "embed_frame", "infer_format", "run", "ship"]
 
 log = logging.getLogger(__name__)
 
 EMBEDDING = T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False))
 _VECTOR = pa.list_(pa.field("element", pa.float32(), nullable=False))
-_SHIPPED = "sparkfiles:"  # a model folder reference resolved by SparkFiles.get on executors
 _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json"}
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything a worker needs to embed, small enough to ship in every task's closure."""
-
-    uri: str  # the pinned URI (models:/name/version) or what the user gave
-    name: str
-    version: str
-    folder: str  # local model folder, or _SHIPPED + its name
-    model_type: str  # pipelines.model_types: how rows become the model's input
-    layout: InputLayout
-    dimension: int
-    batch_size: int
-    gpu_batch_size: int
-
-
 # ---- the driver: resolve, download, inspect -------------------------------------------------
-
-
-def default_model_uri(config: Config) -> str:
-    """`embed.model_uri`, else the train stage's registered model at alias `candidate`."""
-    if config.embed.model_uri:
-        return config.embed.model_uri
-    return f"models:/{model_type(config.train.model).registered_name(config)}@candidate"
-
-
-def pin(uri: str) -> tuple[str, str, str]:
-    """(pinned URI, model name, version): `models:/n@alias` and `models:/n/v` become
-    `models:/n/<version>`; any other URI (runs:/, a logged model's models:/m-..., a folder)
-    is its own name, version '0'."""
-    ref = uri[len("models:/") :]
-    if not uri.startswith("models:/") or not ("@" in ref or "/" in ref):
-        return uri, uri, "0"
-    client = MlflowClient()
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias).version
-        else:
-            name, version = ref.rsplit("/", 1)
-            client.get_model_version(name, version)
-    except mlflow.exceptions.MlflowException as err:
-        raise EmbedError(f"cannot resolve {uri} in {mlflow.get_tracking_uri()}: {err}") from err
-    return f"models:/{name}/{version}", name, str(version)
-
-
-def served_type(module: nn.Module) -> ModelType:
-    """The model type whose served form `module` is (the one dispatch point)."""
-    found = model_type_of(module)
-    if found is None:
-        raise EmbedError(
-            f"the embed stage does not know the input of {type(module).__name__}: "
-            "it is no model type's served form "
-            f"(model types: {', '.join(model_type_names())})"
-        )
-    return found
-
-
-def prepare_model(
-    uri: str, cache: Path, *, batch_size: int = 1024, gpu_batch_size: int = 8192
-) -> ModelSpec:
-    """Pin, download once into `cache/<name>/<version>`, load once to learn input and width."""
-    pinned, name, version = pin(uri)
-    folder = cache / _slug(name) / version if version != "0" else None
-    if folder is None or not (folder / "MLmodel").is_file():
-        target = cache / "download"
-        target.mkdir(parents=True, exist_ok=True)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(target)))
-        if folder is None:
-            folder = local
-        else:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(local, folder)
-    module = mlflow.pytorch.load_model(str(folder), map_location="cpu")
-    served = served_type(module)
-    tokenizer = json.loads((folder / "extra_files" / "tokenizer.json").read_text())
-    layout = served.input_layout(module, tokenizer)
-    with torch.inference_mode():
-        dimension = int(module(torch.from_numpy(served.example_input(layout))).shape[1])
-    log.info(
-        "embed: model %s (%s) in %s: %s input, %d-d output",
-        pinned,
-        uri,
-        folder,
-        served.name,
-        dimension,
-    )
-    return ModelSpec(
-        pinned,
-        name,
-        version,
-        str(folder),
-        served.name,
-        layout,
-        dimension,
-        batch_size,
-        gpu_batch_size,
-    )
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def ship(spark: SparkSession, spec: ModelSpec) -> ModelSpec:
@@ -190,7 +76,7 @@ def ship(spark: SparkSession, spec: ModelSpec) -> ModelSpec:
     if (spark.sparkContext.master or "").startswith("local"):
         return spec
     spark.sparkContext.addFile(spec.folder, recursive=True)
-    return _replace(spec, folder=_SHIPPED + Path(spec.folder).name)
+    return _replace(spec, folder=SHIPPED + Path(spec.folder).name)
 
 
 def _replace(spec: ModelSpec, **changes: Any) -> ModelSpec:
@@ -198,29 +84,6 @@ def _replace(spec: ModelSpec, **changes: Any) -> ModelSpec:
 
 
 # ---- the workers: one model per Python worker, Arrow batches in and out ---------------------
-
-_MODELS: dict[tuple[str, str], tuple[nn.Module, Vocabulary]] = {}
-
-
-def cached_model(spec: ModelSpec, device: torch.device) -> tuple[nn.Module, Vocabulary, bool]:
-    """The worker's model and vocabulary, loaded on first use; True when this call loaded."""
-    key = (spec.folder, str(device))
-    if key in _MODELS:
-        return *_MODELS[key], False
-    folder = (
-        SparkFiles.get(spec.folder[len(_SHIPPED) :])
-        if spec.folder.startswith(_SHIPPED)
-        else spec.folder
-    )
-    module = mlflow.pytorch.load_model(folder, map_location=device).to(device).eval()
-    vocabulary = Vocabulary.load(Path(folder) / "extra_files" / VOCABULARY_FILE)
-    _MODELS[key] = (module, vocabulary)
-    return module, vocabulary, True
-
-
-def input_columns(spec: ModelSpec) -> list[str]:
-    """The clean catalog columns the model reads."""
-    return model_type(spec.model_type).input_columns(spec.layout)
 
 
 def _vectors(embeddings: np.ndarray, rows: int) -> pa.ListArray:
@@ -239,10 +102,8 @@ def _embed_batches(
     def embed(batch: pa.RecordBatch) -> pa.RecordBatch:
         # Loaded inside the batch step, so a model copy the executor cannot read is reported
         # with the batch; after the first batch this is a dict lookup.
-        module, vocabulary, loaded = cached_model(spec, device)
-        loads.add(int(loaded))
-        inputs = model_type(spec.model_type).inputs(spec.layout, batch, vocabulary)
-        embeddings = infer(module, inputs, size, device)
+        loads.add(int(cached_model(spec, device)[2]))
+        embeddings = embed_batch(spec, batch, device, size)
         return pa.RecordBatch.from_arrays(
             [*(batch.column(name) for name in carry), _vectors(embeddings, batch.num_rows)],
             names=[*carry, EMBEDDING.name],

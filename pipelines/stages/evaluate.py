@@ -26,12 +26,15 @@ from pathlib import Path
 from typing import Any, cast
 
 import mlflow
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from pyspark.sql import SparkSession
 
 from models.mrnet import TaskHead
 from pipelines.analysis.drift import table_drift
+from pipelines.analysis.matching import anisotropy, match_report, perturb
 from pipelines.analysis.pictures import neighbour_table, tsne_figure
 from pipelines.analysis.probes import (
     plan_probe,
@@ -41,13 +44,19 @@ from pipelines.analysis.probes import (
     trained_sources,
 )
 from pipelines.analysis.retrieval import category_retrieval
-from pipelines.analysis.sample import collect_sample
+from pipelines.analysis.sample import Sample, collect_sample
 from pipelines.core.config import Config
 from pipelines.core.errors import EvaluateError
 from pipelines.core.outputs import StageResult
+from pipelines.data.catalog import mapped_tasks
 from pipelines.data.shards import MANIFEST, load_manifest, shard_sets
 from pipelines.model_types.registry import model_type_of
-from pipelines.stages.embed import default_model_uri
+from pipelines.model_types.serving import (
+    default_model_uri,
+    embed_batch,
+    input_columns,
+    prepare_model,
+)
 from pipelines.table import EmbeddingTable
 from pipelines.tasks import TaskMetrics, task_loss
 from pipelines.training.loader import make_loader
@@ -100,6 +109,37 @@ def head_reports(config: Config, model_uri: str) -> tuple[list[dict[str, Any]], 
     return reports, []
 
 
+def matching_report(config: Config, sample: Sample, model_uri: str
+                    ) -> tuple[dict[str, Any] | None, str | None]:  # fmt: skip
+    """The matching report over the sample (`analysis.matching`), or why it cannot run: the
+    perturbed titles go through the registered model here, as the embed stage feeds it."""
+    settings = config.evaluate
+    queries = min(settings.matching_queries, len(sample.titles))
+    if queries < 1 or len(sample.titles) < 2:
+        return None, "matching: evaluate.matching_queries is 0 or the sample is too small"
+    spec = prepare_model(model_uri, config.outputs.model_cache)
+    if input_columns(spec) != ["title"]:
+        return None, (f"matching: the model reads {input_columns(spec)}; the report perturbs "
+                      "titles alone (title-only models)")  # fmt: skip
+    picked = np.random.default_rng(config.seed + 17).choice(len(sample.titles), queries,
+                                                           replace=False)  # fmt: skip
+    perturbed = perturb(
+        [str(t) for t in sample.titles[picked]],
+        config.seed + 29,
+        settings.matching_word_dropout,
+        settings.matching_char_noise,
+    )
+    vectors = embed_batch(spec, pa.RecordBatch.from_pydict({"title": perturbed}),
+                          torch.device("cpu"), config.embed.batch_size)  # fmt: skip
+    report = match_report(sample.titles, sample.vectors, picked, vectors, perturbed,
+                          settings.retrieval_k)  # fmt: skip
+    report["perturbation"] = {
+        "word_dropout": settings.matching_word_dropout,
+        "char_noise": settings.matching_char_noise,
+    }
+    return report, None
+
+
 def _write_tsv(frame: pd.DataFrame, path: Path) -> str:
     frame.to_csv(path, sep="\t", index=False)
     return str(path)
@@ -110,7 +150,9 @@ def _metric_name(*parts: Any) -> str:
 
 
 def run(spark: SparkSession, config: Config) -> StageResult:
-    settings = config.evaluate
+    probes = mapped_tasks(config.catalog, config.evaluate.probes, "evaluate.probes")
+    settings = config.evaluate.model_copy(update={"probes": probes})
+    config = config.model_copy(update={"evaluate": settings})
     table = EmbeddingTable.from_config(config)
     latest = table.version() if table.exists() else None
     if latest is None:
@@ -220,6 +262,18 @@ def run(spark: SparkSession, config: Config) -> StageResult:
     else:
         skipped.append("neighbour table: fewer than 2 products or no queries asked")
 
+    matching, reason = matching_report(config, sample, model_uri)
+    if reason:
+        skipped.append(reason)
+    if matching is not None:
+        for features in ("embedding", "tfidf"):
+            metrics.update({f"matching_{features}_{key}": value
+                            for key, value in matching[features].items()})  # fmt: skip
+    spread = None
+    if settings.anisotropy_rows >= 2 and len(sample.vectors) >= 2:
+        spread = anisotropy(sample.vectors, settings.anisotropy_rows, config.seed)
+        metrics["anisotropy_mean_cosine"] = spread
+
     drift = None
     if version >= 1:
         drift = table_drift(
@@ -249,6 +303,8 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         "relative": relative.to_dict("records"),
         "heads": heads,
         "retrieval": retrieval,
+        "matching": matching,
+        "anisotropy_mean_cosine": spread,
         "drift": drift,
         "skipped": skipped,
     }

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as F
@@ -42,8 +44,17 @@ from pyspark.sql import functions as F
 from pipelines.core.config import Config, ShardConfig
 from pipelines.core.errors import ShardError
 from pipelines.core.outputs import StageResult, publish_folder
-from pipelines.data.catalog import check_sources, read_clean
-from pipelines.data.shards import FORMAT, MANIFEST, SPLITS, arrow_schema, describe_files
+from pipelines.data.catalog import check_sources, mapped_tasks, read_clean
+from pipelines.data.shards import (
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    SUBWORDS_COLUMN,
+    TITLE_TERMS,
+    arrow_schema,
+    describe_files,
+)
+from pipelines.data.subwords import Subwords, subword_column
 from pipelines.data.tokenizer import (
     OOV_ID,
     PAD_ID,
@@ -171,8 +182,8 @@ def encode(
     vocabulary: Broadcast[Vocabulary],
     image_dim: int | None,
 ) -> DataFrame:
-    """One group's rows -> the shard schema: product_id, ids + length per text field, image
-    features, one (or two, decoding) columns per task, and `_split`."""
+    """One group's rows -> the shard schema: product_id, ids + length per text field, the
+    title's subword ids, image features, one (or two, decoding) columns per task, `_split`."""
     columns: list[Column] = [F.col("product_id"), F.col("_split")]
     for name, max_len in settings.text_fields.items():
         words = tokens(text_column(name))
@@ -182,6 +193,9 @@ def encode(
             .cast("int")
             .alias(f"{name}_len"),
         ]
+    if settings.subwords.enabled:
+        scheme = Subwords.from_config(settings.subwords, settings.text_fields["title"])
+        columns.append(subword_column(tokens("title"), scheme).alias(SUBWORDS_COLUMN))
     if image_dim is not None:
         features = F.col("image_features")
         missing = features.isNull() | (F.size(features) != image_dim)
@@ -218,6 +232,9 @@ def write_split(
         F.sum(F.size(F.filter(ids, lambda i: i == OOV_ID))).alias("_oov"),
         *labelled,
     ]
+    if rows == 0:  # an empty split (e.g. shard.split.test: 0): its schema, nothing observed
+        part.drop("_split").limit(0).coalesce(1).write.mode("overwrite").parquet(str(path))
+        return {"_rows": 0, "_tokens": 0, "_oov": 0, **{t.name: 0 for t in tasks}}
     files = max(1, math.ceil(rows / settings.rows_per_file))
     part.drop("_split").observe(observed, *metrics).repartition(
         files, F.xxhash64(F.lit(seed), F.col("product_id"))
@@ -235,15 +252,16 @@ def write_split(
 def build_manifest(
     root: Path,
     config: Config,
+    settings: ShardConfig,
     fitted: dict[str, FittedTask],
     group: str | None,
     observed: dict[str, dict[str, int]],
     vocabulary: Vocabulary,
     image_dim: int | None,
+    documents: int | None,
 ) -> dict[str, Any]:
     """The shard set's manifest (format `prodvec.shards/1`): everything a loader or a model
     needs without reading the data."""
-    settings = config.shard
     files = {split: describe_files(root / split) for split in SPLITS}
     tasks = []
     for entry in fitted.values():
@@ -287,11 +305,43 @@ def build_manifest(
             name: {"ids": f"{name}_ids", "len": f"{name}_len"} for name in settings.text_fields
         },
         "image_features": None if image_dim is None else {"dim": image_dim},
+        "subwords": None
+        if documents is None
+        else {
+            "column": SUBWORDS_COLUMN,
+            "terms": TITLE_TERMS,
+            "documents": documents,
+            **settings.subwords.model_dump(exclude={"enabled"}),
+            "max_tokens": settings.text_fields["title"],
+        },
         "tasks": tasks,
         "title_oov_rate": {
             split: observed[split]["_oov"] / max(observed[split]["_tokens"], 1) for split in SPLITS
         },
     }
+
+
+def write_title_terms(spark: SparkSession, root: Path) -> int:
+    """Document frequency of every word id and subword id over the shard set's titles (all
+    splits: like the vocabulary, label-free statistics of the catalog), written beside the
+    splits; returns the number of titles. The subword bag starts its weights at their IDF."""
+    frame = spark.read.parquet(*(str(root / split) for split in SPLITS))
+    parts = []
+    for kind, column in (("word", "title_ids"), ("subword", SUBWORDS_COLUMN)):
+        present = F.array_distinct(F.filter(F.col(column), lambda i: i > 0))
+        counted = (frame.select(F.explode(present).alias("id")).groupBy("id").count()
+                   .orderBy("id").collect())  # fmt: skip
+        parts.append(
+            pa.table(
+                {
+                    "kind": [kind] * len(counted),
+                    "id": pa.array([row["id"] for row in counted], pa.int64()),
+                    "df": pa.array([row["count"] for row in counted], pa.int64()),
+                }
+            )
+        )
+    pq.write_table(pa.concat_tables(parts), root / TITLE_TERMS)
+    return frame.count()
 
 
 def split_seed(config: Config) -> int:
@@ -331,6 +381,15 @@ def run(spark: SparkSession, config: Config) -> StageResult:
     """Split, fit labels on train, encode and write every group's shard set, then publish."""
     settings = config.shard
     check_sources(settings.tasks)
+    tasks = mapped_tasks(config.catalog, settings.tasks, "shard.tasks")
+    by_name = {task.name: task for task in tasks}
+    if settings.split.stratify_by and settings.split.stratify_by not in by_name:
+        log.info("shard: the stratification task %s is left out: the split is unstratified",
+                 settings.split.stratify_by)  # fmt: skip
+    settings = settings.model_copy(update={
+        "tasks": tasks, "split": settings.split.model_copy(update={
+            "stratify_by": settings.split.stratify_by if settings.split.stratify_by in by_name
+            else None})})  # fmt: skip
     vocabulary_file = config.outputs.vocabulary
     if not vocabulary_file.is_file():
         raise ShardError(f"no vocabulary at {vocabulary_file}: run `prodvec corpus` first")
@@ -392,14 +451,17 @@ def run(spark: SparkSession, config: Config) -> StageResult:
                 for split in SPLITS
             }
             shutil.copyfile(vocabulary_file, root / VOCABULARY_FILE)
+            documents = write_title_terms(spark, root) if settings.subwords.enabled else None
             manifests[name] = build_manifest(
                 root,
                 config,
+                settings,
                 fitted[name],
                 name if settings.per_group else None,
                 observed[name],
                 vocabulary,
                 image_dim,
+                documents,
             )
             (root / MANIFEST).write_text(json.dumps(manifests[name], indent=1))
         if settings.per_group:

@@ -82,6 +82,11 @@ def balanced_subset(
         **manifest["vocabulary"],
         "path": str(root / manifest["vocabulary"]["path"]),
     }
+    if manifest.get("subwords"):
+        subset["subwords"] = {
+            **manifest["subwords"],
+            "terms": str(root / manifest["subwords"]["terms"]),
+        }
     subset["balanced_subset"] = {
         "source": str(root),
         "task": task,

@@ -19,6 +19,7 @@ from pipelines.core.config import Config
 from pipelines.core.errors import TrainingError
 from pipelines.data.shards import load_manifest
 from pipelines.data.tokenizer import Vocabulary
+from pipelines.training.contrastive import ContrastiveSpec
 from pipelines.training.launch import Launch
 from pipelines.training.loop import (
     LoopSpec,
@@ -92,6 +93,7 @@ def fingerprint(
             "max_steps_per_epoch",
             "calibration_batches",
             "mixed_precision",
+            "contrastive",
         },
     )
     with open(vectors, "rb") as handle:
@@ -110,6 +112,16 @@ def fingerprint(
 
 def train_seed(config: Config) -> int:
     return config.seed if config.train.seed is None else config.train.seed
+
+
+def contrastive_spec(config: Config) -> ContrastiveSpec | None:
+    """`train.contrastive` for the training processes; None when its weight is 0."""
+    settings = config.train.contrastive
+    if not settings.weight:
+        return None
+    seed = train_seed(config) if settings.seed is None else settings.seed
+    return ContrastiveSpec(settings.weight, settings.temperature, settings.subword_dropout,
+                           settings.word_dropout, seed)  # fmt: skip
 
 
 def loop_spec(
@@ -151,6 +163,7 @@ def loop_spec(
         threads=launch.threads,
         loader_workers=settings.loader_workers,
         top_k=tuple(config.evaluate.top_k),
+        contrastive=contrastive_spec(config),
         progress=launch.mode != "cluster" and sys.stderr.isatty(),
         driver_pid=os.getpid() if launch.mode == "local" else None,
     )

@@ -104,6 +104,10 @@ def fields_of(manifest: dict[str, Any]) -> list[BatchField]:
             )
         )
         fields.append(BatchField(columns["len"], "scalar", columns["len"], np.dtype(np.int64)))
+    subwords = manifest.get("subwords")
+    if subwords:
+        column = subwords["column"]
+        fields.append(BatchField(column, "fixed", column, np.dtype(np.int64), subwords["width"]))
     if manifest.get("image_features"):
         fields.append(
             BatchField(

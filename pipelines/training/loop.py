@@ -43,9 +43,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from models.mrnet import EMBEDDING
 from pipelines.core.errors import TrainingError
 from pipelines.data.shards import load_manifest
 from pipelines.tasks import TaskMetrics, task_heads
+from pipelines.training.contrastive import ContrastiveSpec, info_nce, join_views, view
 from pipelines.training.loader import make_loader
 from pipelines.training.objectives import ObjectiveFactory, sample_task
 
@@ -75,7 +77,8 @@ PROGRESS = "progress.json"
 Batch = dict[str, Tensor]
 
 
-# (manifest, tasks) -> the model; its forward(batch, tasks=None) returns {task: output}.
+# (shard set folder, task heads, init_from=None) -> the model; picklable, it crosses to the
+# training processes. Its forward(batch, tasks=None) returns {task: output, EMBEDDING: ...}.
 ModelFactory = Callable[..., nn.Module]
 
 
@@ -101,6 +104,7 @@ class LoopSpec:
     max_steps_per_epoch: int | None = None
     checkpoint_every_steps: int = 0
     calibration_batches: int = 20
+    contrastive: ContrastiveSpec | None = None  # the contrastive objective, when weighted
     top_k: tuple[int, ...] = (1, 3, 5)  # multiclass top-k accuracies in validation
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = True
@@ -212,9 +216,13 @@ class Trainer:
         self.run_dir = Path(spec.run_dir)
         self.manifest = load_manifest(Path(spec.shard_dir))
         self.tasks = task_heads(self.manifest, spec.tasks)
+        if not self.tasks and spec.contrastive is None:
+            raise TrainingError(
+                "nothing to train: the shards have no task and train.contrastive.weight is 0"
+            )
         self.alternating = spec.optimisation == "alternating"
         torch.manual_seed(spec.seed)  # the same initial weights on every rank
-        self.module = model_factory(self.manifest, self.tasks).to(device)
+        self.module = model_factory(Path(spec.shard_dir), self.tasks).to(device)
         self.objective = objective_factory(self.tasks)
         self.parameters = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -225,12 +233,20 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.task_generator = torch.Generator().manual_seed(spec.seed)
+        self.contrastive = spec.contrastive
+        # Views are drawn from their own generator (seeded by rank, so ranks draw differently
+        # for their different rows): checkpointed with the rest of the random state.
+        self.view_generator = torch.Generator().manual_seed(
+            (spec.contrastive.seed if spec.contrastive else 0) + ranks.rank
+        )
         self.epoch = self.step = self.global_step = 0
         self.best, self.best_epoch, self.bad_epochs, self.stopped = math.inf, -1, 0, False
         self.history: list[dict[str, float]] = []
-        # This epoch's loss sums (total, per task) weighted by rows, then the rows: real rows
-        # for the total (padding batches do not count), labelled rows for each task.
-        self.running = torch.zeros(2 * (len(self.tasks) + 1), dtype=torch.float64, device=device)
+        # This epoch's loss sums (total, per task, contrastive) weighted by rows, then the
+        # rows: real rows for the total and the contrastive loss (padding batches do not
+        # count), labelled rows for each task.
+        self.parts = len(self.tasks) + 2
+        self.running = torch.zeros(2 * self.parts, dtype=torch.float64, device=device)
         self.resumed_from: dict[str, int] | None = None
         self.steps_this_run = 0
         self.reported = 0.0  # when progress.json was last written
@@ -250,7 +266,11 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "tasks": self.task_generator.get_state()}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "tasks": self.task_generator.get_state(),
+            "views": self.view_generator.get_state(),
+        }
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
@@ -306,6 +326,7 @@ class Trainer:
         self.running = state["running"].to(self.device)
         torch.set_rng_state(state["rng"]["torch"].cpu())
         self.task_generator.set_state(state["rng"]["tasks"].cpu())
+        self.view_generator.set_state(state["rng"]["views"].cpu())
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         self.resumed_from = {
@@ -374,11 +395,34 @@ class Trainer:
         )
         self.objective.calibrate(batches)
 
-    def train_step(self, batch: Batch) -> None:
-        task = sample_task(self.task_generator, self.tasks) if self.alternating else None
-        with self.autocast():
-            outputs = self.model(batch, tasks=None if task is None else [task])
+    def forward(self, batch: Batch, task: str | None, generator: torch.Generator
+                ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:  # fmt: skip
+        """(total loss, per-task losses, contrastive loss or None) of one batch. With the
+        contrastive objective the model runs once over both views; the heads learn from the
+        first view (a mildly noised copy of the batch)."""
+        tasks = None if task is None else [task]
+        if self.contrastive is None:
+            outputs = self.model(batch, tasks=tasks)
             total, per_task = self.objective(outputs, batch, task)
+            return total, per_task, None
+        rows = len(batch["row_id"])
+        joined = join_views(view(batch, self.contrastive, generator),
+                            view(batch, self.contrastive, generator))  # fmt: skip
+        outputs = self.model(joined, tasks=tasks)
+        embedding = outputs.pop(EMBEDDING)
+        total, per_task = self.objective({k: v[:rows] for k, v in outputs.items()}, batch, task)
+        contrastive = info_nce(embedding[:rows], embedding[rows:], self.contrastive.temperature,
+                               batch["row_id"] >= 0)  # fmt: skip
+        return total + self.contrastive.weight * contrastive, per_task, contrastive
+
+    def train_step(self, batch: Batch) -> None:
+        task = (
+            sample_task(self.task_generator, self.tasks)
+            if self.alternating and self.tasks
+            else None
+        )
+        with self.autocast():
+            total, per_task, contrastive = self.forward(batch, task, self.view_generator)
         # set_to_none: a zero gradient would still move Adam's state for the idle heads
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -387,15 +431,18 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.parameters, self.spec.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        tasks = len(self.tasks)
+        parts = self.parts
         real = (batch["row_id"] >= 0).sum()
         self.running[0] += total.detach().double() * real
-        self.running[tasks + 1] += real
+        self.running[parts] += real
         for index, t in enumerate(self.tasks, start=1):
             if t.name in per_task:  # alternating: only the sampled task
                 labelled = batch[f"{t.name}_mask"].sum()
                 self.running[index] += per_task[t.name].double() * labelled
-                self.running[tasks + 1 + index] += labelled
+                self.running[parts + index] += labelled
+        if contrastive is not None:
+            self.running[parts - 1] += contrastive.detach().double() * real
+            self.running[2 * parts - 1] += real
 
     def report(self, steps: int, force: bool = False) -> None:
         """Rank 0's position for the driver's progress bar, at most once a second."""
@@ -439,10 +486,11 @@ class Trainer:
         if self.ranks.world_size > 1:
             dist.all_reduce(running)  # also waits for every rank: the epoch's true end
         self.clock(started)
-        tasks = len(self.tasks)
-        sums, rows = running[: tasks + 1].tolist(), running[tasks + 1 :].tolist()
+        sums, rows = running[: self.parts].tolist(), running[self.parts :].tolist()
         metrics = {"train_loss": sums[0] / max(rows[0], 1)}
-        for task, total, labelled in zip(self.tasks, sums[1:], rows[1:], strict=True):
+        if self.contrastive is not None:
+            metrics["train_contrastive_loss"] = sums[-1] / max(rows[-1], 1)
+        for task, total, labelled in zip(self.tasks, sums[1:-1], rows[1:-1], strict=True):
             if labelled:
                 metrics[f"train_{task.name}_loss"] = total / labelled
         metrics["train_samples_per_second"] = rows[0] / max(self.epoch_seconds, 1e-9)
@@ -459,18 +507,27 @@ class Trainer:
         """Per-task metrics on the validation split, each rank reading its share."""
         self.module.eval()
         states = [TaskMetrics(task, self.device, self.spec.top_k) for task in self.tasks]
+        # The contrastive loss of validation batches, over the same views every epoch.
+        views = torch.Generator().manual_seed(self.spec.seed + self.ranks.rank)
+        contrastive = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum, rows
         loader = self.loader("validation", shuffle=False)
         for batch in loader:
             batch = self.to_device(batch)
             with self.autocast():
                 outputs = self.module(batch)
                 _, per_task = self.objective(outputs, batch)
+                if self.contrastive is not None:
+                    _, _, loss = self.forward(batch, None, views)
+                    real = (batch["row_id"] >= 0).sum()
+                    assert loss is not None  # the contrastive objective is on
+                    contrastive += torch.stack([loss.detach().double() * real, real.double()])
             for state in states:
                 name = state.head.name
                 state.update(outputs[name], batch[name], batch[f"{name}_mask"], per_task[name])
         if self.ranks.world_size > 1:
             for state in states:
                 dist.all_reduce(state.stats)
+            dist.all_reduce(contrastive)
         self.module.train()
         metrics: dict[str, float] = {}
         for state in states:
@@ -478,6 +535,10 @@ class Trainer:
                 {f"val_{state.head.name}_{key}": value for key, value in state.compute().items()}
             )
         metrics["val_loss"] = sum(metrics.get(f"val_{t.name}_loss", 0.0) for t in self.tasks)
+        if self.contrastive is not None:
+            loss, rows = contrastive.tolist()
+            metrics["val_contrastive_loss"] = loss / max(rows, 1)
+            metrics["val_loss"] += self.contrastive.weight * metrics["val_contrastive_loss"]
         return metrics
 
     def end_epoch(self, row: dict[str, float]) -> None:

@@ -108,7 +108,11 @@ def multitask_loss(
     task's (alternating), so only its head and the shared encoder get gradients.
 
     Returns the total (float32) and the normalised per-task losses, detached, for logging.
+    Without any task (a catalog with no labels, trained on the contrastive objective alone)
+    the total is 0.
     """
+    if not tasks:
+        return torch.zeros(()), {}
     selected = [t for t in tasks if task is None or t.name == task]
     if not selected:
         raise KeyError(f"unknown task {task!r}")

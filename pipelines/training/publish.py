@@ -50,6 +50,8 @@ def export_files(
             "max_len": first["max_len"]["title"],
             "fields": first["max_len"],  # ProductNet: every text field's ids (bullets: joined)
             "input": "ids of the first max_len tokens of the normalised title, 0-padded at the end",
+            # The title's subword ids (pipelines.data.subwords), when the model reads them.
+            "subwords": first.get("subwords"),
         },
     )
     save_json(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,24 +17,22 @@ from pyspark.sql import functions as F
 from torch import Tensor, nn
 
 from models.autoencoders import GroupSparseAutoencoder
-from models.encoders import GroupEncoder
+from models.encoders import GroupEncoder, TitleEncoder
 from models.mrnet import MRNet
-from pipelines.core.config import Config, GroupAutoencoderConfig
+from pipelines.core.config import GroupAutoencoderConfig
 from pipelines.core.errors import EmbedError, TrainingError
 from pipelines.core.outputs import StageResult
 from pipelines.data.shards import load_manifest
-from pipelines.data.tokenizer import Vocabulary, tokenize_arrow
+from pipelines.data.tokenizer import Vocabulary
 from pipelines.model_types.contract import (
     InputLayout,
-    ModelType,
     TrainingRun,
-    validation_batch,
 )
-from pipelines.model_types.kinds.mrnet import build_mrnet
+from pipelines.model_types.kinds.mrnet import MRNetType
 from pipelines.model_types.registry import register
 from pipelines.training.inputs import loop_spec, train_seed
 from pipelines.training.loader import make_loader
-from pipelines.training.loop import ModelFactory, resolve_device, save_torch
+from pipelines.training.loop import resolve_device, save_torch
 from pipelines.training.publish import export_files, log_and_register
 from pipelines.training.reporting import log_history, train_and_log
 
@@ -55,9 +52,9 @@ def embed_split(
     for batch in make_loader(shard_dir, split, batch_size, shuffle=False):
         if rows >= limit:
             break
-        ids, lengths = batch["title_ids"][: limit - rows], batch["title_len"][: limit - rows]
-        parts.append(model.encode(ids.to(device), lengths).float().cpu())
-        rows += len(ids)
+        take = {key: value[: limit - rows].to(device) for key, value in batch.items()}
+        parts.append(model.encode(take).float().cpu())
+        rows += len(take["title_ids"])
     model.cpu()
     return torch.cat(parts)
 
@@ -107,20 +104,12 @@ def train_group_autoencoder(
     return model.cpu().eval(), history
 
 
-class MRNetPerGroup(ModelType):
+class MRNetPerGroup(MRNetType):
     name = "mrnet_per_group"
     registry_prefix = "mrnet-pg"
     encoder = GroupEncoder
     per_group = True
     unembeddable = "unknown_group"  # a product group the model has no MRNet for
-
-    def factory(self, config: Config, vectors: Path) -> ModelFactory:
-        return partial(
-            build_mrnet,
-            vectors=str(vectors),
-            embedding_size=config.train.embedding_size,
-            freeze_embeddings=config.train.freeze_embeddings,
-        )
 
     def train(self, run: TrainingRun) -> StageResult:
         """One MRNet per product group, the group autoencoder over their embeddings, and the
@@ -191,11 +180,14 @@ class MRNetPerGroup(ModelType):
         )
         manifests = {group: load_manifest(sets[group]) for group in names}
         extra = export_files(sets[names[0]], out / "export", manifests)
-        ids = validation_batch(sets[names[0]])["title_ids"].numpy()
-        example = np.concatenate([np.zeros((len(ids), 1), dtype=np.int64), ids], axis=1)
+        served = MRNetType.serve(self, models[0], sets[names[0]])
+        title = cast(TitleEncoder, served.module)
+        example = np.concatenate(
+            [np.zeros((len(served.example), 1), dtype=np.int64), served.example], axis=1
+        )
         name = self.registered_name(config)
         model_uri, version = log_and_register(
-            GroupEncoder(names, models, autoencoder),
+            GroupEncoder(names, models, autoencoder, title.max_len, title.subword_width),
             example,
             name,
             extra,
@@ -203,7 +195,7 @@ class MRNetPerGroup(ModelType):
                 "catalog": config.catalog.name,
                 "groups": names,
                 "config_hash": config.digest(),
-                "input": "int64 [B, 1 + L]: group index (metadata groups), then title ids",
+                "input": f"int64 [B, 1 + ...]: group index (metadata groups), then {served.input}",
                 "output": f"group-agnostic embedding [B, {2 * settings.embedding_size}]",
             },
         )
@@ -222,7 +214,9 @@ class MRNetPerGroup(ModelType):
 
     def input_layout(self, module: nn.Module, tokenizer: Mapping[str, Any]) -> InputLayout:
         assert isinstance(module, GroupEncoder)
-        return InputLayout(max_len=int(tokenizer["max_len"]), groups=tuple(module.groups))
+        return InputLayout(max_len=module.max_len, groups=tuple(module.groups),
+                           extra={"subwords": tokenizer.get("subwords")}
+                           if module.subword_width else {})  # fmt: skip
 
     def input_columns(self, layout: InputLayout) -> list[str]:
         return ["title", "product_group"]
@@ -230,8 +224,8 @@ class MRNetPerGroup(ModelType):
     def inputs(
         self, layout: InputLayout, batch: pa.RecordBatch, vocabulary: Vocabulary
     ) -> np.ndarray:
-        """(group index, title ids) rows; a group the model has no encoder for is an error."""
-        ids = vocabulary.encode(tokenize_arrow(batch.column("title")), layout.max_len)
+        """(group index, title) rows; a group the model has no encoder for is an error."""
+        title = super().inputs(layout, batch, vocabulary)
         names = batch.column("product_group").to_numpy(zero_copy_only=False)
         group = pd.Index(layout.groups).get_indexer(names)
         if (group < 0).any():
@@ -239,12 +233,11 @@ class MRNetPerGroup(ModelType):
                 f"product groups {sorted(set(names[group < 0]))} are not in the "
                 f"model's groups {list(layout.groups)}"
             )
-        return np.concatenate([group[:, None].astype(np.int64), ids.astype(np.int64)], axis=1)
+        return np.concatenate([group[:, None].astype(np.int64), title], axis=1)
 
     def example_input(self, layout: InputLayout) -> np.ndarray:
-        example = np.zeros((1, 1 + layout.max_len), dtype=np.int64)
-        example[0, 1] = 2  # group 0, one real title token
-        return example
+        title = super().example_input(layout)  # group 0 in front
+        return np.concatenate([np.zeros((1, 1), dtype=np.int64), title], axis=1)
 
     def embeddable(self, layout: InputLayout) -> F.Column | None:
         return F.col("product_group").isin(list(layout.groups))
