@@ -50,8 +50,9 @@ def match_report(titles: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
     for the embeddings of the perturbed titles and for TF-IDF (word, sublinear) of them."""
     k = min(k, len(vectors))
     _, by_embedding = exact_neighbours(normalised(vectors), normalised(query_vectors), k)
-    tfidf = TfidfVectorizer(sublinear_tf=True).fit(titles.astype(str))
-    scores = (tfidf.transform(perturbed) @ tfidf.transform(titles.astype(str)).T).toarray()
+    tfidf = TfidfVectorizer(sublinear_tf=True)
+    catalog = tfidf.fit_transform(titles.astype(str))
+    scores = (tfidf.transform(perturbed) @ catalog.T).toarray()
     by_tfidf = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     embedding, baseline = _recall(by_embedding, queries, k), _recall(by_tfidf, queries, k)
     return {"queries": len(queries), "k": k, "embedding": embedding, "tfidf": baseline,

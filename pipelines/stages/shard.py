@@ -321,10 +321,10 @@ def build_manifest(
     }
 
 
-def write_title_terms(spark: SparkSession, root: Path) -> int:
+def write_title_terms(spark: SparkSession, root: Path) -> None:
     """Document frequency of every word id and subword id over the shard set's titles (all
     splits: like the vocabulary, label-free statistics of the catalog), written beside the
-    splits; returns the number of titles. The subword bag starts its weights at their IDF."""
+    splits. The subword bag starts its weights at their IDF."""
     frame = spark.read.parquet(*(str(root / split) for split in SPLITS))
     parts = []
     for kind, column in (("word", "title_ids"), ("subword", SUBWORDS_COLUMN)):
@@ -341,7 +341,6 @@ def write_title_terms(spark: SparkSession, root: Path) -> int:
             )
         )
     pq.write_table(pa.concat_tables(parts), root / TITLE_TERMS)
-    return frame.count()
 
 
 def split_seed(config: Config) -> int:
@@ -451,7 +450,10 @@ def run(spark: SparkSession, config: Config) -> StageResult:
                 for split in SPLITS
             }
             shutil.copyfile(vocabulary_file, root / VOCABULARY_FILE)
-            documents = write_title_terms(spark, root) if settings.subwords.enabled else None
+            documents = None  # the titles the document frequencies count: every row
+            if settings.subwords.enabled:
+                write_title_terms(spark, root)
+                documents = sum(observed[name][split]["_rows"] for split in SPLITS)
             manifests[name] = build_manifest(
                 root,
                 config,
