@@ -204,9 +204,11 @@ def test_rerun_gives_the_same_vocabulary(planted, spark):
     assert Vocabulary.load(Path(again.outputs["vocabulary"])) == first
 
 
-def test_fields_choose_the_text_that_feeds_the_corpus(planted, spark, tmp_path):
+def test_fields_choose_the_text_that_feeds_the_corpus(planted, spark, tmp_path, shared_tracking):
     _, rows, _ = planted
-    config = _config(tmp_path, "word2vec.fields=[title, bullets]", "word2vec.algorithm=skipgram")
+    config = _config(
+        tmp_path, "word2vec.fields=[title, bullets]", "word2vec.algorithm=skipgram", shared_tracking
+    )
     spark.createDataFrame(rows, CLEAN_SCHEMA).write.parquet(str(config.outputs.clean_catalog))
     result = run_stage("corpus", config, spark)
     vocabulary = Vocabulary.load(Path(result.outputs["vocabulary"]))
@@ -222,9 +224,11 @@ def test_fields_choose_the_text_that_feeds_the_corpus(planted, spark, tmp_path):
         ("word2vec.fields=[bullets]", r"min_count=3 .* 0 documents, 0 words"),  # none has any
     ],
 )
-def test_no_word_above_min_count_fails_clearly(planted, spark, tmp_path, override, message):
+def test_no_word_above_min_count_fails_clearly(
+    planted, spark, tmp_path, shared_tracking, override, message
+):
     _, rows, _ = planted
-    config = _config(tmp_path, override)
+    config = _config(tmp_path, override, shared_tracking)
     spark.createDataFrame([row for row in rows[:50] if row[4] is None], CLEAN_SCHEMA).write.parquet(
         str(config.outputs.clean_catalog)
     )

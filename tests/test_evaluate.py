@@ -428,8 +428,8 @@ def test_bad_evaluate_config_is_refused(override, message):
         load_config(overrides=[override])
 
 
-def test_no_table_is_a_clear_error(spark, tmp_path):
-    config = load_config(overrides=[f"workdir={tmp_path}"])
+def test_no_table_is_a_clear_error(spark, tmp_path, shared_tracking):
+    config = load_config(overrides=[f"workdir={tmp_path}", shared_tracking])
     with pytest.raises(EvaluateError, match="no embedding table at .*run `prodvec embed`"):
         run_stage("evaluate", config, spark)
 

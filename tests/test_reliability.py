@@ -9,12 +9,14 @@ retry settings and a separate process exist: see tests/test_deploy.py (the sched
 from __future__ import annotations
 
 import ast
+import gc
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
+import pyarrow as pa
 import pytest
 import torch
 from pydantic import BaseModel
@@ -25,7 +27,8 @@ from models.mrnet import BiLSTMTitles, MRNet, TaskHead
 from pipelines.cli import main
 from pipelines.core.config import Config, load_config
 from pipelines.core.errors import ConfigError
-from pipelines.core.faults import FAULT_VARIABLE, task_error
+from pipelines.core.faults import FAULT_VARIABLE, named_batches, task_error
+from pipelines.core.workers import settle
 from pipelines.model_types.contract import InputLayout
 from pipelines.model_types.serving import ModelSpec
 from pipelines.stages.embed import embed_frame
@@ -149,11 +152,12 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize(("argv", "message", "env"), BAD_INPUT)
 def test_bad_input_is_one_line_naming_the_thing(
-    spark, tmp_path, monkeypatch, capsys, argv, message, env
+    spark, tmp_path, monkeypatch, capsys, shared_tracking, argv, message, env
 ):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert main(argv(tmp_path)) == 2
+    args = argv(tmp_path)
+    assert main(args if args[0] == "config" else [*args, shared_tracking]) == 2
     err = capsys.readouterr().err
     assert err.startswith("prodvec: error: ") and err.count("\n") == 1, err
     assert message in err, err
@@ -164,12 +168,14 @@ def test_bad_input_is_one_line_naming_the_thing(
 
 
 def test_a_failing_executor_batch_is_one_line_naming_stage_and_batch(
-    spark, tmp_path, monkeypatch, capsys
+    spark, tmp_path, monkeypatch, capsys, shared_tracking
 ):
     """The shared local[2] session makes one attempt per task, so the injected failure of
     partition 0 fails the stage: the CLI prints the executor's TaskError line, exit 1."""
     monkeypatch.setenv(FAULT_VARIABLE, "clean:fail")
-    assert main(["clean", f"workdir={tmp_path}", "catalog.synthetic.rows=100"]) == 1
+    assert (
+        main(["clean", f"workdir={tmp_path}", "catalog.synthetic.rows=100", shared_tracking]) == 1
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert re.fullmatch(
@@ -214,6 +220,38 @@ def test_a_real_executor_error_in_embed_names_the_row_batch(spark, tmp_path):
         r"\.parquet.*",
         str(failed),
     ), str(failed)
+
+
+def test_executor_workers_are_settled_after_a_steps_first_batch(spark):
+    """A worker's first batch loads the step's modules; `named_batches` then freezes them, so
+    pyspark's collection after each task no longer walks them. The driver is left alone."""
+
+    def freeze_counts(batches):
+        def step(batch: pa.RecordBatch) -> pa.RecordBatch:
+            if batch.column("i")[0].as_py() == 0:
+                gc.unfreeze()  # as a fresh worker: nothing frozen yet
+            return pa.RecordBatch.from_pydict(
+                {"i": batch.column("i"), "frozen": [gc.get_freeze_count()] * batch.num_rows}
+            )
+
+        return named_batches("upkeep", batches, step)
+
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "5")
+    try:
+        rows = (
+            spark.range(20)
+            .selectExpr("CAST(id AS INT) AS i")
+            .coalesce(1)
+            .mapInArrow(freeze_counts, "i int, frozen long")
+            .collect()
+        )
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    frozen = {row.i: row.frozen for row in rows}
+    assert frozen[0] == 0 and all(frozen[i] > 0 for i in range(5, 20)), frozen
+    before = gc.get_freeze_count()
+    settle()
+    assert gc.get_freeze_count() == before
 
 
 # ---- training processes outlive no driver ---------------------------------------------------

@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pipelines.analysis.sample import Sample
 from pipelines.core.config import Config, EvaluateConfig
+from pipelines.core.workers import settle
 from pipelines.tasks import kind_of
 from pipelines.tasks.contract import TaskSpec
 
@@ -226,12 +227,14 @@ def run_probes(
         results = [score_fit(fit, *shared) for fit in fits]
     else:
         broadcast = spark.sparkContext.broadcast(shared)
+
+        def score_task(fit: Fit) -> tuple[Fit, float, float]:
+            scored = score_fit(fit, *broadcast.value)
+            settle()
+            return scored
+
         try:
-            results = (
-                spark.sparkContext.parallelize(fits, len(fits))
-                .map(lambda fit: score_fit(fit, *broadcast.value))
-                .collect()
-            )
+            results = spark.sparkContext.parallelize(fits, len(fits)).map(score_task).collect()
         finally:
             broadcast.destroy()
     frame = pd.DataFrame(

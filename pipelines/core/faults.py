@@ -29,6 +29,7 @@ from pyspark import TaskContext
 from pyspark.sql import DataFrame
 
 from pipelines.core.errors import InjectedFault, ProdvecError, TaskError
+from pipelines.core.workers import settle
 
 __all__ = [
     "FAULT_VARIABLE",
@@ -61,7 +62,8 @@ def _describe(stage: str, number: int, batch: pa.RecordBatch) -> str:
 def named_batches(
     stage: str, batches: Iterator[pa.RecordBatch], step: Callable[[pa.RecordBatch], pa.RecordBatch]
 ) -> Iterator[pa.RecordBatch]:
-    """Apply `step` to each batch; any failure becomes a one-line TaskError naming the batch."""
+    """Apply `step` to each batch; any failure becomes a one-line TaskError naming the batch.
+    After the first batch (the step has loaded its model) the worker is `settle`d."""
     for number, batch in enumerate(batches):
         try:
             out = step(batch)
@@ -70,6 +72,8 @@ def named_batches(
             raise TaskError(
                 f"{_describe(stage, number, batch)}: {type(err).__name__}: {message}"
             ) from err
+        if number == 0:
+            settle()
         yield out
 
 
