@@ -14,10 +14,12 @@ import logging
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import NoReturn
 
-from pipelines.core.config import Config, load_config
+from pipelines.core.config import Config, confine, load_config
 from pipelines.core.errors import ConfigError, ProdvecError
 from pipelines.core.faults import task_error
+from pipelines.core.secrets import RedactingFilter, redact_text
 from pipelines.stages.registry import STAGES, run_pipeline, run_stage, summary
 
 __all__ = ["main"]
@@ -25,8 +27,19 @@ __all__ = ["main"]
 log = logging.getLogger("prodvec")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake ends, like every expected failure, in one `prodvec: error:` line
+    (exit 2); `prodvec COMMAND --help` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"prodvec: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    options = argparse.ArgumentParser(add_help=False)
+    options = _Parser(add_help=False)
     options.add_argument(
         "-c",
         "--conf",
@@ -36,12 +49,18 @@ def _parser() -> argparse.ArgumentParser:
         help="overlay name in conf/ or a YAML path, applied after conf/base.yaml "
         "(repeatable; default: local)",
     )
-    options.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
-    common = argparse.ArgumentParser(add_help=False, parents=[options])
+    options.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="Python log level (default INFO)",
+    )
+    common = _Parser(add_help=False, parents=[options])
     common.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied last"
     )
-    parser = argparse.ArgumentParser(prog="prodvec", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="prodvec", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("run", parents=[common], help="run every built stage in order")
     commands.add_parser("config", parents=[common], help="print the resolved configuration")
@@ -69,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep files younger than this (default: embed.vacuum_retention_hours)",
     )
     vacuum.add_argument("--dry-run", action="store_true", help="list, delete nothing")
+    vacuum.add_argument(
+        "--force",
+        action="store_true",
+        help="allow a retention below embed.vacuum_min_retention_hours (files a running embed "
+        "has written but not yet committed may be deleted)",
+    )
     return parser
 
 
@@ -130,6 +155,8 @@ def _embed(config: Config, args: argparse.Namespace) -> str:
 
     if not (args.input and args.output):
         raise ConfigError("prodvec embed ad hoc needs both --input and --output")
+    confine(config, "--input", args.input)
+    confine(config, "--output", args.output)
     tracking.configure(config)
     counts = embed_file(
         get_spark(config.spark),
@@ -145,13 +172,25 @@ def _embed(config: Config, args: argparse.Namespace) -> str:
     return f"embed {args.input} -> {args.output}: {counts}"
 
 
-def _vacuum(config: Config, table: str | None, hours: int | None, dry_run: bool) -> str:
+def _vacuum(config: Config, args: argparse.Namespace) -> str:
     from pipelines.table import vacuum  # deltalake loads only for this command
 
-    path = table or config.outputs.table
-    hours = config.embed.vacuum_retention_hours if hours is None else hours
-    removed = vacuum(path, dry_run=dry_run, retention_hours=hours)
-    verb = "would remove" if dry_run else "removed"
+    path = args.table or config.outputs.table
+    confine(config, "--table", path)
+    hours = (
+        config.embed.vacuum_retention_hours
+        if args.retention_hours is None
+        else args.retention_hours
+    )
+    floor = config.embed.vacuum_min_retention_hours
+    if hours < floor and not args.force:
+        raise ConfigError(
+            f"vacuum --retention-hours {hours} is below embed.vacuum_min_retention_hours={floor}: "
+            "files a running embed has written but not yet committed would be deleted "
+            "(--force to do it anyway)"
+        )
+    removed = vacuum(path, dry_run=args.dry_run, retention_hours=hours)
+    verb = "would remove" if args.dry_run else "removed"
     return "\n".join([f"vacuum {path}: {verb} {len(removed)} file(s)", *removed])
 
 
@@ -164,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -172,17 +211,21 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Which build runs: under spark-submit, the wheel given with --py-files.
     log.info("prodvec %s from %s", version("prodvec"), Path(__file__).parent)
+    secrets: frozenset[str] = frozenset()
     try:
         overrides = list(args.overrides)
         if args.command == "embed" and args.model:  # validated (and confined) like the rest
             overrides.append(f"embed.model_uri={args.model}")
         config = load_config(args.conf or ["local"], overrides)
+        secrets = config.secrets
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(RedactingFilter(secrets))
         if args.command == "config":
             print(config.to_yaml(), end="")
         elif args.command == "neighbors":
             print(_neighbors(config, args))
         elif args.command == "vacuum":
-            print(_vacuum(config, args.table, args.retention_hours, args.dry_run))
+            print(_vacuum(config, args))
         elif args.command == "embed" and (args.input or args.output):
             print(_embed(config, args))
         elif args.command == "run":
@@ -191,14 +234,14 @@ def main(argv: list[str] | None = None) -> int:
             result = run_stage(args.command, config)
             print(f"{args.command}: {result.rows} -> {result.outputs}")
     except ProdvecError as err:
-        print(f"prodvec: error: {err}", file=sys.stderr)
+        print(f"prodvec: error: {redact_text(str(err), secrets)}", file=sys.stderr)
         return 2
     except Exception as err:
         failed = task_error(err)  # an executor's TaskError inside Spark's wrapping
         if failed is None:
             raise
         log.debug("executor-side failure", exc_info=err)
-        print(f"prodvec: error: {failed}", file=sys.stderr)
+        print(f"prodvec: error: {redact_text(str(failed), secrets)}", file=sys.stderr)
         return 1
     return 0
 

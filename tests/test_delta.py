@@ -392,9 +392,13 @@ def test_vacuum_command(spark, tmp_path, capsys):
     table = EmbeddingTable(path)
     commit(table, embed(spark, catalog_rows(range(50)), seed=1), "run-0")
     orphan = _write_file(path / "data" / "dead-run" / "part-0.parquet", _contract_table(5))
-    assert main(["vacuum", "--table", str(path), "--retention-hours", "0", "--dry-run"]) == 0
+    now = ["vacuum", "--table", str(path), "--retention-hours", "0"]
+    assert main([*now, "--dry-run", "--force"]) == 0
     assert "data/dead-run/part-0.parquet" in capsys.readouterr().out and orphan.exists()
-    assert main(["vacuum", "--table", str(path), "--retention-hours", "0"]) == 0
+    assert main(now) == 2  # below embed.vacuum_min_retention_hours: a running embed's files
+    assert "below embed.vacuum_min_retention_hours=24" in capsys.readouterr().err
+    assert orphan.exists()
+    assert main([*now, "--force"]) == 0
     assert "removed 1 file" in capsys.readouterr().out and not orphan.exists()
     assert main(["vacuum", "--table", str(tmp_path / "nothing")]) == 2
     assert "is not a Delta table" in capsys.readouterr().err

@@ -146,6 +146,7 @@ def test_stage_equals_in_process_model(spark, base, tmp_path):
     assert got.shape == (catalog.num_rows, 8)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert len(set(map(tuple, got.round(5)))) > catalog.num_rows // 2  # not one constant vector
+    assert config.outputs.model_cache.stat().st_mode & 0o777 == 0o700  # models are code
 
 
 def test_model_loads_once_per_python_worker(spark, base, tmp_path):

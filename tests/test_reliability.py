@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import gc
+import logging
 import re
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from pipelines.cli import main
 from pipelines.core.config import Config, load_config
 from pipelines.core.errors import ConfigError
 from pipelines.core.faults import FAULT_VARIABLE, named_batches, task_error
+from pipelines.core.tracking import stage_run, tracking_uri
 from pipelines.core.workers import settle
 from pipelines.model_types.contract import InputLayout
 from pipelines.model_types.serving import ModelSpec
@@ -43,6 +45,13 @@ def _write(path: Path, text: str | bytes) -> Path:
 
 
 CSV = "sku,name\na1,Blue Shirt\na2,Red Shoe\n"
+
+
+def _roots_overlay(d: Path) -> Path:
+    """A config file confining paths to <d>/data, workdir <d>/work (as conf/cluster.yaml)."""
+    return _write(
+        d / "roots.yaml", f"workdir: {d / 'work'}\npaths:\n  allowed_roots: [{d / 'data'}]\n"
+    )
 
 
 def case(name: str, argv, message: str, env: dict[str, str] | None = None):
@@ -98,11 +107,73 @@ BAD_INPUT = [
         "path-outside-roots",
         lambda d: [
             "config",
-            f"paths.allowed_roots=[{d / 'data'}]",
+            "--conf",
+            str(_roots_overlay(d)),
             "catalog.synthetic=null",
             "catalog.path=/etc/passwd",
         ],
         "catalog.path=/etc/passwd is outside the allowed roots",
+    ),
+    case(
+        "override-widens-roots",
+        lambda d: ["config", "--conf", str(_roots_overlay(d)), "paths.allowed_roots=[]"],
+        "paths.* is set in config files (--conf) only",
+    ),
+    case(
+        "override-workdir-is-not-a-root",
+        lambda d: [
+            "config",
+            "--conf",
+            str(_roots_overlay(d)),
+            "workdir=/",
+            "catalog.synthetic=null",
+            "catalog.path=/etc/passwd",
+        ],
+        "catalog.path=/etc/passwd is outside the allowed roots",
+    ),
+    case(
+        "adhoc-output-outside-roots",
+        lambda d: [
+            "embed",
+            "--conf",
+            str(_roots_overlay(d)),
+            "--input",
+            str(_write(d / "data" / "c.csv", CSV)),
+            "--output",
+            "/tmp/prodvec-elsewhere",
+        ],
+        "--output=/tmp/prodvec-elsewhere is outside the allowed roots",
+    ),
+    case(
+        "config-yaml-aliases",
+        lambda d: [
+            "config",
+            "--conf",
+            str(_write(d / "o.yaml", "a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n")),
+        ],
+        "o.yaml: not valid YAML at line 2, column 8: aliases (*a) are not allowed",
+    ),
+    case(
+        "config-too-large",
+        lambda d: ["config", "--conf", str(_write(d / "o.yaml", "#" * (2 << 20)))],
+        "o.yaml: 2,097,152 bytes, more than a config file's 1,048,576",
+    ),
+    case(
+        "config-not-utf8",
+        lambda d: [
+            "config",
+            "--conf",
+            str(_write(d / "o.yaml", "seed: 1 # café\n".encode("latin-1"))),
+        ],
+        "o.yaml: not UTF-8 text (byte 0xe9 at offset 13)",
+    ),
+    case(
+        "override-malformed", lambda d: ["config", "key=[1,"], "override 'key=[1,': not valid YAML"
+    ),
+    case(
+        "log-level-unknown",
+        lambda d: ["config", "--log-level", "verbose"],
+        "argument --log-level: invalid choice: 'VERBOSE'",
     ),
     case(
         "catalog-file-missing",
@@ -157,7 +228,11 @@ def test_bad_input_is_one_line_naming_the_thing(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     args = argv(tmp_path)
-    assert main(args if args[0] == "config" else [*args, shared_tracking]) == 2
+    try:
+        code = main(args if args[0] == "config" else [*args, shared_tracking])
+    except SystemExit as usage_error:  # argparse's own checks
+        code = usage_error.code
+    assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("prodvec: error: ") and err.count("\n") == 1, err
     assert message in err, err
@@ -307,18 +382,18 @@ def test_configured_paths_stay_under_the_allowed_roots(tmp_path, setting, inside
     data, work, link = tmp_path / "data", tmp_path / "work", tmp_path / "data" / "etc"
     data.mkdir()
     link.symlink_to("/etc")
-    overrides = [
-        f"workdir={work}",
-        f"paths.allowed_roots=[{data}, s3a://bucket/prodvec]",
-        setting.format(data=data, work=work, link=link),
-    ]
+    roots = _write(
+        tmp_path / "roots.yaml",
+        f"workdir: {work}\npaths:\n  allowed_roots: [{data}, s3a://bucket/prodvec]\n",
+    )
+    overrides = [setting.format(data=data, work=work, link=link)]
     if setting.startswith("catalog.path"):
         overrides.insert(0, "catalog.synthetic=null")
     if inside:
-        load_config(overrides=overrides)
+        load_config([str(roots)], overrides)
     else:
         with pytest.raises(ConfigError, match=r"is outside the allowed roots"):
-            load_config(overrides=overrides)
+            load_config([str(roots)], overrides)
 
 
 def test_without_roots_paths_are_not_confined(tmp_path):
@@ -339,6 +414,60 @@ def _field_names(model: type[BaseModel], prefix: str = "") -> list[str]:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             names.extend(_field_names(annotation, f"{prefix}{name}."))
     return names
+
+
+SECRET = "s3cr3t-from-the-environment"
+
+
+@pytest.fixture
+def secret_overlay(tmp_path, monkeypatch) -> Path:
+    """An overlay with a credential from the environment, a credential-named Spark setting
+    and a tracking URI with user-info, as a cluster overlay may have them."""
+    monkeypatch.setenv("PRODVEC_TEST_SECRET", SECRET)
+    return _write(
+        tmp_path / "secret.yaml",
+        "spark:\n  conf:\n"
+        "    spark.hadoop.fs.s3a.secret.key: literal-key-in-a-file\n"
+        "    spark.hadoop.fs.s3a.endpoint: ${PRODVEC_TEST_SECRET}\n"
+        "catalog:\n  name: secret\n  path: /nowhere/${PRODVEC_TEST_SECRET}.csv\n"
+        "  columns: {product_id: id, title: title}\n",
+    )
+
+
+def _leaks(text: str) -> list[str]:
+    return [s for s in (SECRET, "literal-key-in-a-file", "bob:pw") if s in text]
+
+
+def test_printed_config_masks_environment_values_and_credentials(secret_overlay, capsys):
+    uri = "tracking.uri=http://bob:pw@mlflow.example:5000"
+    assert main(["config", "--conf", str(secret_overlay), uri]) == 0
+    out = capsys.readouterr().out
+    assert not _leaks(out), out
+    assert "spark.hadoop.fs.s3a.secret.key: '***'" in out and "http://***@mlflow.example" in out
+
+
+def test_error_lines_and_logs_mask_environment_values(
+    secret_overlay, tmp_path, capsys, caplog, shared_tracking
+):
+    argv = ["clean", "--conf", str(secret_overlay), f"workdir={tmp_path}", shared_tracking]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "/nowhere/***.csv" in err and not _leaks(err), err
+    logging.getLogger("prodvec.test").warning("endpoint %s", SECRET)
+    assert "endpoint ***" in caplog.text and not _leaks(caplog.text), caplog.text
+
+
+def test_mlflow_params_and_config_artifact_mask_secrets(secret_overlay, tmp_path):
+    config = load_config([str(secret_overlay)], [f"workdir={tmp_path}"])
+    with stage_run(config, "clean") as run:
+        run_id = run.info.run_id
+    client = mlflow.MlflowClient(tracking_uri(config))
+    params = client.get_run(run_id).data.params
+    assert params["spark.conf.spark.hadoop.fs.s3a.secret.key"] == "***"
+    assert not _leaks(repr(params)), params
+    artifact = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path)))
+    assert not _leaks(artifact.read_text()) and "***" in artifact.read_text()
+    assert (tmp_path / "mlflow.db").stat().st_mode & 0o777 == 0o600
 
 
 def test_no_configuration_key_can_hold_a_secret():

@@ -3,7 +3,9 @@
 `conf/base.yaml` is always loaded first, then each overlay in order (kedro-style
 base + environment), then `key.sub=value` overrides from the command line. Every
 unknown key is an error that names it, so a typo never silently falls back to a
-default.
+default. Where stages may read (`paths`) is set by files alone: an override cannot widen it.
+Values taken from the environment are
+remembered so that printed, logged and tracked configuration masks them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -28,6 +31,7 @@ from pydantic import (
 
 from pipelines.core.errors import ConfigError
 from pipelines.core.outputs import Outputs
+from pipelines.core.secrets import redact_text, redact_tree
 from pipelines.model_types.kinds import names as model_type_names
 from pipelines.tasks.contract import TaskSpec, kind_names, kind_of
 
@@ -58,6 +62,7 @@ __all__ = [
     "TrainConfig",
     "Word2VecConfig",
     "conf_dir",
+    "confine",
     "confine_paths",
     "load_config",
     "merge",
@@ -381,6 +386,9 @@ class EmbedConfig(Strict):
     writer: Literal["deltalake", "delta-spark"] = "deltalake"  # delta-spark: needs its jar
     rows_per_file: int = Field(400_000, ge=1)  # ~450 MB at 256-d float32
     vacuum_retention_hours: int = Field(168, ge=0)  # must exceed the longest embed job
+    # vacuum refuses a shorter retention without --force: a running embed's written but
+    # uncommitted files are younger than the job, and vacuum cannot tell them from a crash's.
+    vacuum_min_retention_hours: int = Field(24, ge=0)
     # The model: null means the train stage's registered model (train.model's registered name,
     # e.g. prodvec-mrnet-<catalog>) at alias @candidate.
     model_uri: str | None = None
@@ -516,14 +524,33 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     index: IndexConfig = IndexConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    _secrets: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    _workdir_from_files: Path | None = PrivateAttr(None)
 
     @property
     def outputs(self) -> Outputs:
         """Where this catalog's stage outputs live (several catalogs can share a workdir)."""
         return Outputs(self.workdir / self.catalog.name, self.embed.table_path)
 
+    @property
+    def roots(self) -> list[str]:
+        """Where configured files may lie when `paths.allowed_roots` is set: those roots and
+        the workdir the config files give. A workdir moved by a command-line override is
+        where outputs go, never a root, so `workdir=/` cannot switch confinement off."""
+        return [str(self._workdir_from_files or self.workdir), *self.paths.allowed_roots]
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        """The values this config took from environment variables."""
+        return self._secrets
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON-like data with secrets masked: what may be printed, logged or
+        tracked."""
+        return redact_tree(self.model_dump(mode="json"), self._secrets)
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.redacted(), sort_keys=False)
 
     def digest(self) -> str:
         """Short stable hash of the resolved config, stamped on outputs."""
@@ -534,13 +561,15 @@ class Config(Strict):
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand_env(value: Any) -> Any:
-    """Expand ${VAR} and ${VAR:-default} in strings; secrets come only from the environment."""
+def _expand_env(value: Any, taken: set[str]) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in strings (secrets come only from the environment);
+    every value taken from the environment is added to `taken`."""
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
             if name in os.environ:
+                taken.add(os.environ[name])
                 return os.environ[name]
             if default is None:
                 raise ConfigError(f"environment variable {name} is not set")
@@ -548,9 +577,9 @@ def _expand_env(value: Any) -> Any:
 
         return _ENV_REF.sub(substitute, value)
     if isinstance(value, dict):
-        return {k: _expand_env(v) for k, v in value.items()}
+        return {k: _expand_env(v, taken) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v) for v in value]
+        return [_expand_env(v, taken) for v in value]
     return value
 
 
@@ -567,6 +596,35 @@ def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: a few nested `*alias` lines expand tenfold a level (a 442-byte
+    file took 7 s and 489 MB), and configuration never needs them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases (*{event.anchor}) are not allowed", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a configuration file is a few KB; anything larger is a mistake
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    loader = _NoAliasLoader(text)  # a SafeLoader: plain data only
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is parsed as YAML."""
     if "=" not in text:
@@ -575,7 +633,7 @@ def parse_override(text: str) -> dict[str, Any]:
     keys = dotted.strip().split(".")
     if not all(keys):
         raise ConfigError(f"override {text!r} has an empty key")
-    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    value: Any = _parse_yaml(raw, f"override {text!r}") if raw.strip() else None
     for key in reversed(keys):
         value = {key: value}
     return value
@@ -590,13 +648,17 @@ def conf_dir() -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes, more than a config file's {MAX_CONFIG_BYTES:,}")
+    data = path.read_bytes()
     try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+    loaded = _parse_yaml(text, str(path))
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -633,14 +695,28 @@ def load_config(overlays: list[str] | None = None, overrides: list[str] | None =
     raw = _read_yaml(conf_dir() / "base.yaml")
     for overlay in overlays or []:
         raw = merge(raw, _read_yaml(_overlay_path(overlay)))
+    from_files = raw
     for override in overrides or []:
-        raw = merge(raw, parse_override(override))
+        parsed = parse_override(override)
+        if "paths" in parsed:
+            raise ConfigError(
+                f"override {override!r}: paths.* is set in config files (--conf) only, so a "
+                "command line cannot widen where stages read and write"
+            )
+        raw = merge(raw, parsed)
+    taken: set[str] = set()
     try:
-        config = Config.model_validate(_expand_env(raw))
+        config = Config.model_validate(_expand_env(raw, taken))
     except ValidationError as err:
-        raise ConfigError(_format_validation(err)) from None
+        raise ConfigError(redact_text(_format_validation(err), taken)) from None
     config = config.model_copy(update={"workdir": config.workdir.expanduser().resolve()})
-    confine_paths(config)
+    config._secrets = frozenset(taken)
+    workdir_from_files = Path(_expand_env(from_files.get("workdir", "work"), set()))
+    config._workdir_from_files = workdir_from_files.expanduser().resolve()
+    try:
+        confine_paths(config)
+    except ConfigError as err:
+        raise ConfigError(redact_text(str(err), taken)) from None
     return config
 
 
@@ -657,11 +733,20 @@ def _inside(location: str, root: str) -> bool:
     return Path(location).expanduser().resolve().is_relative_to(Path(root).expanduser().resolve())
 
 
+def confine(config: Config, key: str, location: str) -> None:
+    """`location` (named `key` in the error) lies under `Config.roots`; without
+    `paths.allowed_roots` (the laptop default) anything goes."""
+    if config.paths.allowed_roots and not any(_inside(location, root) for root in config.roots):
+        raise ConfigError(
+            f"{key}={location} is outside the allowed roots {config.roots} "
+            "(paths.allowed_roots and the workdir the config files give)"
+        )
+
+
 def confine_paths(config: Config) -> None:
-    """Every configured file location lies under the workdir or `paths.allowed_roots`."""
+    """Every configured file location lies under `Config.roots`."""
     if not config.paths.allowed_roots:
         return
-    roots = [str(config.workdir), *config.paths.allowed_roots]
     located = {
         "catalog.path": config.catalog.path,
         "embed.table_path": config.embed.table_path,
@@ -677,8 +762,5 @@ def confine_paths(config: Config) -> None:
     if model and not model.startswith(("models:/", "runs:/")):
         located["embed.model_uri"] = model  # a model folder
     for key, location in located.items():
-        if location is not None and not any(_inside(location, root) for root in roots):
-            raise ConfigError(
-                f"{key}={location} is outside the allowed roots {roots} "
-                "(paths.allowed_roots; the workdir is always allowed)"
-            )
+        if location is not None:
+            confine(config, key, location)

@@ -8,6 +8,7 @@ tracking server and the server decides artifact storage.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,8 +38,11 @@ def artifact_location(config: Config) -> str | None:
 
 
 def configure(config: Config) -> str:
-    """Point MLflow at this config's store and experiment; return the experiment id."""
+    """Point MLflow at this config's store and experiment; return the experiment id. The
+    default sqlite store is created readable by its owner alone: it holds every run's params."""
     config.workdir.mkdir(parents=True, exist_ok=True)
+    if config.tracking.uri is None:
+        os.close(os.open(config.workdir / "mlflow.db", os.O_CREAT | os.O_WRONLY, 0o600))
     mlflow.set_tracking_uri(tracking_uri(config))
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is not None:
@@ -68,7 +72,7 @@ def stage_run(config: Config, stage: str) -> Iterator[mlflow.ActiveRun]:
     """A run for one stage: nested under `prodvec run`'s parent when there is one.
 
     The resolved config is logged as params and as `config.yaml`, so every stage's
-    run says exactly what it ran with.
+    run says exactly what it ran with (secrets masked).
     """
     configure(config)
     nested = mlflow.active_run() is not None
@@ -80,7 +84,7 @@ def stage_run(config: Config, stage: str) -> Iterator[mlflow.ActiveRun]:
                 "prodvec.config_hash": config.digest(),
             }
         )
-        params = flatten(config.model_dump(mode="json"))
+        params = flatten(config.redacted())
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_text(config.to_yaml(), "config.yaml")
         yield run

@@ -102,6 +102,7 @@ def prepare_model(
 ) -> ModelSpec:
     """Pin, download once into `cache/<name>/<version>`, load once to learn input and width."""
     pinned, name, version = pin(uri)
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # models are code: owner only
     folder = cache / _slug(name) / version if version != "0" else None
     if folder is None or not (folder / "MLmodel").is_file():
         target = cache / "download"
