@@ -28,7 +28,7 @@ from pipelines.core import tracking
 from pipelines.core.config import Config, load_config
 from pipelines.data.catalog import read_clean
 from pipelines.data.tokenizer import PAD_ID, Vocabulary, tokenize
-from pipelines.model_types.serving import cached_model, prepare_model
+from pipelines.model_types.serving import cached_model, pin, prepare_model
 from pipelines.stages import clean
 from pipelines.stages.embed import embed_frame
 from pipelines.stages.registry import run_stage
@@ -312,3 +312,22 @@ def test_group_model(spark, base, tmp_path):
         atol=1e-6,
     )
     assert len(table["embedding"][0]) == 16
+
+
+def test_a_model_folder_is_identified_by_its_content(tmp_path):
+    """Retraining into the same folder is a new model version (so the next embed refreshes
+    fully); the same files are the same version wherever they lie."""
+    vocabulary = Vocabulary.from_counts(["blue", "shirt"], [3, 3], min_count=1)
+    folder, copy = tmp_path / "model", tmp_path / "copy"
+
+    def save(module: torch.nn.Module, where: Path) -> None:
+        mlflow.pytorch.save_model(module.eval(), str(where), serialization_format="pickle")
+
+    save(TitleEncoder(_mrnet(vocabulary, 1), MAX_LEN), folder)
+    _, name, first = pin(str(folder))
+    assert name == str(folder) and first.startswith("sha256-")
+    shutil.copytree(folder, copy)
+    assert pin(copy.as_uri())[2] == first
+    shutil.rmtree(folder)
+    save(TitleEncoder(_mrnet(vocabulary, 2), MAX_LEN), folder)
+    assert pin(str(folder))[2] not in (first, "0")

@@ -132,7 +132,10 @@ def test_features_equal_the_cnn_and_missing_images_are_null_and_counted(spark, s
         "in": 40,
         **{status: counts.get(status, 0) for status in image_features.STATUSES},
     }
-    assert result.rows == {"in": 40, "ok": 30, "no_path": 4, "missing": 5, "unreadable": 1}
+    assert result.rows == {
+        "in": 40, "ok": 30, "no_path": 4, "missing": 5, "unreadable": 1, "too_large": 0,
+        "outside_root": 0,
+    }  # fmt: skip
     assert result.metrics["dims"] == 16 and result.metrics["null_features"] == 10
 
     after = read_clean(spark, cleaned).toPandas().set_index("product_id")
@@ -227,11 +230,28 @@ def _first_node(program: dict) -> dict:
             lambda c: next(iter(c["config"].values())).update(use_pickle=True),
             "pickled payload",
         ),
+        (
+            "models/model.json",
+            lambda p: _first_node(p).update(target="torch.ops.aten.from_file.default"),
+            "graph call torch.ops.aten.from_file.default",
+        ),
     ],
 )
 def test_archives_that_could_run_code_are_refused(setup, tmp_path, member, change, problem):
     unsafe = _rewrite(setup["weights"], tmp_path / "unsafe.pt2", member, change)
     with pytest.raises(ImageFeaturesError, match=problem):
+        image_features.load_export(str(unsafe))
+
+
+def test_archives_with_members_beyond_a_plain_export_are_refused(setup, tmp_path):
+    """AOTInductor's compiled shared libraries would be loaded as native code."""
+    unsafe = tmp_path / "aoti.pt2"
+    with zipfile.ZipFile(setup["weights"]) as source, zipfile.ZipFile(unsafe, "w") as copy:
+        for item in source.infolist():
+            copy.writestr(item, source.read(item))
+        root = source.namelist()[0].split("/")[0]
+        copy.writestr(f"{root}/data/aotinductor/model/model.so", b"\x7fELF")
+    with pytest.raises(ImageFeaturesError, match="unexpected member .*/data/aotinductor/"):
         image_features.load_export(str(unsafe))
 
 
@@ -269,3 +289,25 @@ def test_torchvision_format_loads_a_state_dict_and_drops_the_head(tmp_path):
     batch = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), model(batch))
+
+
+def test_image_reads_stay_under_the_root_and_the_size_bound(tmp_path):
+    """A catalog row cannot point a task outside `image_root` (absolute path, URI, `..`,
+    symlink) or make it read a huge file (/dev/zero) into memory: those rows get a status."""
+    root, outside = tmp_path / "images", tmp_path / "outside.png"
+    root.mkdir()
+    Image.new("RGB", (2, 2), "red").save(root / "ok.png")
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "big.png")
+    Image.new("RGB", (2, 2), "red").save(outside)
+    (root / "link").symlink_to("/etc")
+    limit = (root / "ok.png").stat().st_size
+    spec = image_features.BackboneSpec(
+        "export", "unused", None, False, 8, (0.5,) * 3, (0.5,) * 3, str(root), 4, 4, limit
+    )
+    paths = ["ok.png", "big.png", "../outside.png", str(outside), "/dev/zero",
+             "link/hostname", "file:///etc/hostname"]  # fmt: skip
+    images, statuses = image_features.load_images(paths, spec)
+    assert statuses == ["ok", "too_large", *["outside_root"] * 5] and images.shape == (1, 3, 8, 8)
+    unrooted = image_features.BackboneSpec(**{**spec.__dict__, "image_root": None})
+    assert image_features.load_images(["/dev/zero"], unrooted)[1] == ["too_large"]

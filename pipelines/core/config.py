@@ -64,6 +64,7 @@ __all__ = [
     "conf_dir",
     "confine",
     "confine_paths",
+    "inside",
     "load_config",
     "merge",
     "parse_override",
@@ -493,6 +494,9 @@ class ImageFeaturesConfig(Strict):
     dims: int | None = Field(None, ge=1)  # expected feature length; None: what the model gives
     batch_size: int = Field(32, ge=1)  # images per forward pass on a CPU task (one thread)
     gpu_batch_size: int = Field(256, ge=1)  # images per forward pass on the task's GPU
+    # A larger file is not read (status too_large): a catalog row cannot make a task read
+    # /dev/zero or a huge file into memory.
+    max_image_bytes: int = Field(20 << 20, ge=1)
 
     @model_validator(mode="after")
     def _std_positive(self) -> ImageFeaturesConfig:
@@ -720,7 +724,7 @@ def load_config(overlays: list[str] | None = None, overrides: list[str] | None =
     return config
 
 
-def _inside(location: str, root: str) -> bool:
+def inside(location: str, root: str) -> bool:
     """`location` is `root` or below it: local paths after resolving '..' and symlinks, URIs
     (s3a://, hdfs://) by prefix. file: URIs count as local paths."""
     location, root = (text.removeprefix("file://") for text in (location, root))
@@ -736,7 +740,7 @@ def _inside(location: str, root: str) -> bool:
 def confine(config: Config, key: str, location: str) -> None:
     """`location` (named `key` in the error) lies under `Config.roots`; without
     `paths.allowed_roots` (the laptop default) anything goes."""
-    if config.paths.allowed_roots and not any(_inside(location, root) for root in config.roots):
+    if config.paths.allowed_roots and not any(inside(location, root) for root in config.roots):
         raise ConfigError(
             f"{key}={location} is outside the allowed roots {config.roots} "
             "(paths.allowed_roots and the workdir the config files give)"

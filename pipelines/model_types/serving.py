@@ -5,6 +5,7 @@ embed stage runs this in every Spark task; the evaluate stage and the CLI in the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ __all__ = [
     "cached_model",
     "default_model_uri",
     "embed_batch",
+    "folder_digest",
     "input_columns",
     "pin",
     "prepare_model",
@@ -65,11 +67,27 @@ def default_model_uri(config: Config) -> str:
     return f"models:/{model_type(config.train.model).registered_name(config)}@candidate"
 
 
+def folder_digest(folder: Path) -> str:
+    """sha256 of a model folder's files (relative paths and bytes), 16 hex digits: what
+    identifies a model given as a folder, so retraining into the same folder is a new model."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def pin(uri: str) -> tuple[str, str, str]:
     """(pinned URI, model name, version): `models:/n@alias` and `models:/n/v` become
-    `models:/n/<version>`; any other URI (runs:/, a logged model's models:/m-..., a folder)
-    is its own name, version '0'."""
+    `models:/n/<version>`; a local model folder is its own name, version `sha256-<content
+    digest>`; any other URI (runs:/, a logged model's models:/m-...) is immutable and its own
+    name, version '0'."""
     ref = uri[len("models:/") :]
+    local = Path(uri.removeprefix("file://"))
+    if "://" not in uri.removeprefix("file://") and local.is_dir():
+        return uri, uri, f"sha256-{folder_digest(local)}"
     if not uri.startswith("models:/") or not ("@" in ref or "/" in ref):
         return uri, uri, "0"
     client = MlflowClient()
@@ -103,7 +121,8 @@ def prepare_model(
     """Pin, download once into `cache/<name>/<version>`, load once to learn input and width."""
     pinned, name, version = pin(uri)
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # models are code: owner only
-    folder = cache / _slug(name) / version if version != "0" else None
+    registered = pinned.startswith("models:/") and version != "0"
+    folder = cache / _slug(name) / version if registered else None
     if folder is None or not (folder / "MLmodel").is_file():
         target = cache / "download"
         target.mkdir(parents=True, exist_ok=True)

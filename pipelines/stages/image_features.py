@@ -12,8 +12,10 @@ The copy is written beside the old one and swapped in by rename, so readers neve
 Image paths come from the source catalog (`image_features.path_column`; the clean catalog
 normalises every text it keeps, which would break paths), joined on product_id. Relative
 paths resolve against `image_features.image_root`; URIs (s3://, gs://, hdfs://, file://) are
-read with pyarrow's filesystems. Every row comes out (rows in = rows out): a row with no
-path, a missing file or an image PIL cannot decode gets null features, counted by status.
+read with pyarrow's filesystems. With an image root, no path (absolute, URI, `..` or a
+symlink) leads outside it; no file is read past `image_features.max_image_bytes`. Every row
+comes out (rows in = rows out): a row with no path, a path outside the root, a missing, too
+large or undecodable file gets null features, counted by status.
 
 The backbone (never downloaded: `backbone.weights` is a local file):
 - `format: export`: a `torch.export` archive. `torch.export.load` in torch 2.13 is NOT safe
@@ -61,7 +63,7 @@ from torch import nn
 from torch.export.pt2_archive.constants import TENSOR_CONSTANT_FILENAME_PREFIX
 
 from pipelines.core import faults
-from pipelines.core.config import Config, ImageFeaturesConfig
+from pipelines.core.config import Config, ImageFeaturesConfig, inside
 from pipelines.core.devices import infer, task_inference
 from pipelines.core.errors import CatalogError, ConfigError, ImageFeaturesError
 from pipelines.core.outputs import StageResult, publish_folder
@@ -94,7 +96,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("ok", "no_path", "missing", "unreadable")
+STATUSES = ("ok", "no_path", "missing", "unreadable", "too_large", "outside_root")
 _PATH, _STATUS = "_image_path", "_image_status"
 _SHIPPED = "sparkfiles:"
 _PROBE_BATCH = 2  # the driver's probe: 2, not 1, so a batch size fixed at export shows
@@ -121,6 +123,13 @@ _ARITHMETIC = {
     )
 }
 _SYMBOL = re.compile(r"Symbol\('[a-z]+[0-9]+'(, (positive|integer)=True)*\)")
+# What torch.export.save writes for a plain module; anything else (AOTInductor's shared
+# libraries under data/aotinductor/, extra files) is refused.
+_MEMBERS = re.compile(
+    r"[^/]+/(archive_format|archive_version|byteorder|\.data/(version|serialization_id)|"
+    r"models/[^/]+\.json|data/(weights|constants)/[^/]+|data/sample_inputs/[^/]+\.pt)"
+)
+_FILE_OPS = re.compile(r"torch\.ops\.aten\.(from_file|_?load\w*|save\w*)\.\w+")  # read disk
 _FEATURES = pa.list_(pa.field("element", pa.float32()))  # array<float>, as Spark names it
 
 
@@ -138,6 +147,7 @@ class BackboneSpec:
     image_root: str | None
     batch_size: int
     gpu_batch_size: int
+    max_image_bytes: int
 
 
 def backbone_spec(settings: ImageFeaturesConfig) -> BackboneSpec:
@@ -165,6 +175,7 @@ def backbone_spec(settings: ImageFeaturesConfig) -> BackboneSpec:
         settings.image_root,
         settings.batch_size,
         settings.gpu_batch_size,
+        settings.max_image_bytes,
     )
 
 
@@ -198,6 +209,11 @@ def check_export_archive(path: str) -> None:
             for name in names
             if re.search(r"/data/(weights|constants)/[^/]+\.pt$", name)
         ]
+        problems += [
+            f"unexpected member {name}"
+            for name in names
+            if not (name.endswith("/") or _MEMBERS.fullmatch(name))
+        ]
         for name in names:
             if re.search(r"/data/(weights|constants)/[^/]+_config\.json$", name):
                 config = json.loads(archive.read(name))["config"]
@@ -218,6 +234,7 @@ def check_export_archive(path: str) -> None:
                 f"graph call {target}"
                 for target in _json_values(program, "target")
                 if not (_OPS.fullmatch(target) or target in _ARITHMETIC)
+                or _FILE_OPS.fullmatch(target)
             ]
             problems += [
                 f"shape expression {expr}"
@@ -340,16 +357,18 @@ def _filesystem(scheme_and_host: str) -> pafs.FileSystem:
     return pafs.FileSystem.from_uri(scheme_and_host + "/")[0]
 
 
-def read_bytes(location: str) -> bytes:
-    """One file's bytes from a local path or a pyarrow-supported URI."""
+def read_bytes(location: str, limit: int) -> bytes:
+    """One file's first `limit` + 1 bytes at most (more means too large), from a local path
+    or a pyarrow-supported URI."""
     if "://" not in location or location.startswith("file://"):
-        return Path(location.removeprefix("file://")).read_bytes()
+        with Path(location.removeprefix("file://")).open("rb") as handle:
+            return handle.read(limit + 1)
     scheme, rest = location.split("://", 1)
     host, _, key = rest.partition("/")
     filesystem = _filesystem(f"{scheme}://{host}")
     path = f"{host}/{key}" if scheme in ("s3", "gs", "gcs") else f"/{key}"
     with filesystem.open_input_stream(path) as stream:
-        return stream.read()
+        return stream.read(limit + 1)
 
 
 def decode(data: bytes, size: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -369,10 +388,17 @@ def load_images(locations: list[str | None], spec: BackboneSpec) -> tuple[np.nda
         if location is None or not location.strip():
             statuses.append("no_path")
             continue
+        resolved = resolve(location.strip(), spec.image_root)
+        if spec.image_root is not None and not inside(resolved, spec.image_root):
+            statuses.append("outside_root")
+            continue
         try:
-            data = read_bytes(resolve(location.strip(), spec.image_root))
+            data = read_bytes(resolved, spec.max_image_bytes)
         except FileNotFoundError:
             statuses.append("missing")
+            continue
+        if len(data) > spec.max_image_bytes:
+            statuses.append("too_large")
             continue
         try:
             images.append(decode(data, spec.image_size, mean, std))
