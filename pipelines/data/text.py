@@ -31,6 +31,7 @@ __all__ = [
     "parse_price",
     "path_levels",
     "split_list",
+    "split_path",
     "trim_path",
 ]
 
@@ -256,6 +257,14 @@ def trim_path(levels: Column, title: Column, max_levels: int) -> Column:
     leaf_is_title = (leaf != "") & (title != "") & (title.startswith(leaf) | leaf.startswith(title))
     keep = F.size(levels) - F.when(leaf_is_title, 1).otherwise(0)
     return F.slice(levels, 1, F.least(keep, F.lit(max_levels)))
+
+
+def split_path(col: Column, separator: str, title: Column, max_levels: int) -> Column:
+    """Category path -> at most `max_levels` folded levels, top first. Empty and truncated
+    ("...") levels are dropped, and so is a leaf that merely repeats the (raw) title. The
+    clean stage makes `path_levels` a column first and calls `trim_path` on it: as one
+    expression, Spark derives the levels again for every place that reads them."""
+    return trim_path(path_levels(col, separator), normalize_text(title), max_levels)
 
 
 def split_list(col: Column, separator: str) -> Column:

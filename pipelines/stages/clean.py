@@ -18,6 +18,7 @@ it a full run.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import sys
@@ -491,8 +492,8 @@ def _rules_digest(config: Config) -> str:
     catalog = config.catalog.model_dump(mode="json", exclude={"path", "synthetic"})
     rules = config.clean.model_dump(mode="json", exclude={"incremental"})
     digest = hashlib.sha256(json.dumps([catalog, rules], sort_keys=True).encode())
-    for module in _RULE_MODULES:
-        digest.update(Path(str(module.__file__)).read_bytes())
+    for module in _RULE_MODULES:  # getsource: also inside the zip spark-submit ships
+        digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()
 
 
