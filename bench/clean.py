@@ -20,7 +20,14 @@ canonical catalog, compared with what I would write myself in pandas?". So one r
 4. checks that both agree (row counts per outcome and reason, and the written clean
    catalogs column by column) and prints rows/s for each, wall clock, plus the CPU seconds
    of each side (this process and its children: the JVM and its Python workers), which
-   say more than wall clock when the machine is shared.
+   say more than wall clock when the machine is shared, and the ratio of rows per
+   CPU-second (`CPU ratio`);
+5. the incremental case: the same catalog with a share of rows changed (2 %, every 50th
+   row's title; not timed), cleaned incrementally after the full run above, against a full
+   run on the changed catalog in a fresh workdir; both must write the same clean catalog.
+
+The timed full run sets `clean.incremental=false`, so a previous bench's outputs in the
+workdir are not reused.
 
 Malformed CSV records: the synthetic catalog has none; pandas' C parser flags rows with too
 few fields (as the stage does) but raises on rows with too many, where Spark quarantines.
@@ -28,12 +35,13 @@ few fields (as the stage does) but raises on rows with too many, where Spark qua
 The last line is `RESULT clean ratio=<stage rows/s / pandas rows/s>` (wall clock), higher
 is better.
 
-    .venv/bin/python bench/clean.py [--rows 1000000] [--fresh]
+    .venv/bin/python bench/clean.py [--rows 1000000] [--changed 0.02] [--fresh]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv as csv_module
 import hashlib
 import json
 import logging
@@ -48,8 +56,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyspark.sql import SparkSession
 
 from pipelines.core.config import Config, load_config
+from pipelines.core.outputs import StageResult
 from pipelines.core.spark import get_spark
 from pipelines.data import text
 from pipelines.data.catalog import CLEAN_SCHEMA, quarantine_counts
@@ -419,6 +429,36 @@ def ensure_catalog(rows: int, fresh: bool) -> Path:
     return path
 
 
+def changed_catalog(path: Path, share: float) -> Path:
+    """A copy of the catalog with every (1/share)-th row's title changed (not timed)."""
+    changed = path.with_name(f"{path.stem}-changed-{share}.csv")
+    if changed.exists():
+        return changed
+    every = max(1, round(1 / share))
+    partial = changed.with_name(f".{changed.name}.tmp")
+    with (
+        path.open(newline="", encoding="utf-8") as source,
+        partial.open("w", newline="", encoding="utf-8") as target,
+    ):
+        reader, writer = csv_module.reader(source), csv_module.writer(target, lineterminator="\n")
+        header = next(reader)
+        writer.writerow(header)
+        title = header.index("name")
+        for number, record in enumerate(reader):
+            if number % every == 0 and len(record) > title:
+                record[title] += " Edition 2"
+            writer.writerow(record)
+    os.replace(partial, changed)
+    return changed
+
+
+def timed_clean(spark: SparkSession, config: Config) -> tuple[StageResult, float, float]:
+    """`clean.run`, with its wall-clock and CPU seconds."""
+    started, cpu = time.perf_counter(), cpu_seconds()
+    result = clean.run(spark, config)
+    return result, time.perf_counter() - started, cpu_seconds() - cpu
+
+
 def cpu_seconds() -> float:
     """CPU time (user + system) of this process and all its descendants, the Spark JVM and
     its Python workers included, read from /proc (NaN where there is no /proc)."""
@@ -471,14 +511,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="synthetic products")
     parser.add_argument("--fresh", action="store_true", help="regenerate the catalog CSV")
+    parser.add_argument(
+        "--changed", type=float, default=0.02, help="share of rows changed for the incremental case"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     csv = ensure_catalog(args.rows, args.fresh)
-    config = load_config(
-        ["local"],
-        [f"workdir={WORKDIR}", "catalog.synthetic=null", f"catalog.path={csv.resolve()}"],
-    )
+    overrides = [f"workdir={WORKDIR}", "catalog.synthetic=null", f"catalog.path={csv.resolve()}"]
+    config = load_config(["local"], [*overrides, "clean.incremental=false"])
     spark = get_spark(config.spark)  # session start-up: not part of the stage, not timed
     print(
         f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start; "
@@ -487,11 +528,34 @@ def main() -> None:
         f"pyarrow {pa.__version__}"
     )
 
-    started, cpu = time.perf_counter(), cpu_seconds()
-    result = clean.run(spark, config)
-    stage_seconds, stage_cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    result, stage_seconds, stage_cpu = timed_clean(spark, config)
     ours = result.rows
     print(f"clean stage: {stage_seconds:.1f} s, {ours}")
+    reasons = quarantine_counts(spark, config)
+    full_catalog = WORKDIR / "full-catalog"  # kept for the comparison below
+    shutil.rmtree(full_catalog, ignore_errors=True)
+    shutil.copytree(result.outputs["catalog"], full_catalog)
+
+    # The incremental case: 2 % of the rows changed, cleaned after the full run above, against
+    # a full run of the changed catalog in a workdir of its own.
+    changed = changed_catalog(csv, args.changed)
+    incremental, incremental_seconds, incremental_cpu = timed_clean(
+        spark, load_config(["local"], [*overrides[:2], f"catalog.path={changed.resolve()}"])
+    )
+    refreshed = load_config(
+        ["local"],
+        [f"workdir={WORKDIR / 'changed'}", *overrides[1:2], f"catalog.path={changed.resolve()}",
+         "clean.incremental=false"],
+    )  # fmt: skip
+    rerun, rerun_seconds, rerun_cpu = timed_clean(spark, refreshed)
+    spark.stop()
+    same = compare_catalogs(Path(incremental.outputs["catalog"]), Path(rerun.outputs["catalog"]))
+    print(
+        f"incremental ({args.changed:.0%} of rows changed): {incremental_seconds:.1f} s, "
+        f"{incremental_cpu:.1f} CPU s, {incremental.rows}; full run of the same catalog: "
+        f"{rerun_seconds:.1f} s, {rerun_cpu:.1f} CPU s; clean catalogs: "
+        + ("identical, every column" if not same else "; ".join(same))
+    )
 
     pandas_out = WORKDIR / "pandas"
     shutil.rmtree(pandas_out, ignore_errors=True)
@@ -503,15 +567,13 @@ def main() -> None:
     load = os.getloadavg()
 
     # Agreement (not timed): outcome counts, reasons, and the written clean catalogs.
-    reasons = quarantine_counts(spark, config)
-    spark.stop()
     for key in ("in", "clean", "quarantined", "exact_duplicates"):
         print(f"  {key:<22} stage {ours[key]:>9,}  pandas {theirs[key]:>9,}")
     for reason in clean.REASONS:
         if reasons.get(reason, 0) or theirs.get(reason, 0):
             print(f"  {reason:<22} stage {reasons.get(reason, 0):>9,}  "
                   f"pandas {theirs.get(reason, 0):>9,}")  # fmt: skip
-    differ = compare_catalogs(Path(result.outputs["catalog"]), pandas_out / "catalog.parquet")
+    differ = compare_catalogs(full_catalog, pandas_out / "catalog.parquet")
     print("clean catalogs: " + ("identical, every column" if not differ else "; ".join(differ)))
     if any(ours[key] != theirs[key] for key in ("in", "clean", "quarantined", "exact_duplicates")):
         print("WARNING: the two sides disagree on the counts above")
@@ -519,15 +581,23 @@ def main() -> None:
     rows = ours["in"]
     ours_rate, pandas_rate = rows / stage_seconds, rows / pandas_seconds
     print()
-    print(f"{'':<14}{'rows':>10}{'seconds':>10}{'rows/s':>10}{'CPU s':>10}{'rows/CPU s':>12}")
+    print(f"{'':<22}{'rows':>10}{'seconds':>10}{'rows/s':>10}{'CPU s':>10}{'rows/CPU s':>12}")
     for name, count, seconds, cpu in (
-        ("clean stage", rows, stage_seconds, stage_cpu),
+        ("clean stage (full)", rows, stage_seconds, stage_cpu),
         ("pandas", theirs["in"], pandas_seconds, pandas_cpu),
+        ("clean, incremental", incremental.rows["in"], incremental_seconds, incremental_cpu),
+        ("clean, full (changed)", rerun.rows["in"], rerun_seconds, rerun_cpu),
     ):
-        print(f"{name:<14}{count:>10,}{seconds:>10.1f}{count / seconds:>10,.0f}{cpu:>10.1f}"
+        print(f"{name:<22}{count:>10,}{seconds:>10.1f}{count / seconds:>10,.0f}{cpu:>10.1f}"
               f"{count / cpu:>12,.0f}")  # fmt: skip
     print(f"{os.cpu_count()} cores; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           "after the timed runs; Spark session start-up not included")  # fmt: skip
+    print(
+        f"incremental / full seconds: {incremental_seconds / rerun_seconds:.2f} "
+        f"(CPU {incremental_cpu / rerun_cpu:.2f}); normalised {incremental.rows['normalised']:,} "
+        f"of {incremental.rows['in']:,} rows"
+    )
+    print(f"CPU ratio={(rows / stage_cpu) / (theirs['in'] / pandas_cpu):.2f} (rows per CPU-second)")
     print(f"RESULT clean ratio={ours_rate / pandas_rate:.2f}")
 
 

@@ -309,3 +309,83 @@ def test_real_catalogs(spark, shared_data, tmp_path, name, monkeypatch):
     assert bad_text.count() == 0
     assert products.filter(F.size("category_path") >= 1).count() >= with_category * rows["clean"]
     assert products.filter(F.col("price").isNotNull()).count() >= with_price * rows["clean"]
+
+
+# ---- incremental runs ------------------------------------------------------------------------
+
+
+def _write_rows(path: Path, rows: list[list[str]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(HEADER)
+        writer.writerows(rows)
+        handle.write(MALFORMED_LINE)  # always normalised: its row key covers the parsed fields
+
+
+def _published(spark, result) -> tuple[list[dict], list[dict]]:
+    """The written clean catalog and quarantine, as sorted plain rows."""
+
+    def plain(row: dict) -> dict:
+        return {key: dict(value) if key == "attributes" and value else value
+                for key, value in row.items()}  # fmt: skip
+
+    catalog = [plain(r.asDict()) for r in spark.read.parquet(result.outputs["catalog"]).collect()]
+    quarantine = [r.asDict() for r in spark.read.parquet(result.outputs["quarantine"]).collect()]
+    return (
+        sorted(catalog, key=lambda r: r["product_id"]),
+        sorted(quarantine, key=lambda r: (r["product_id"] or "", r["reason"], r["source_row"])),
+    )
+
+
+def test_incremental_run_normalises_only_changed_rows_and_equals_a_full_run(spark, tmp_path):
+    """Day 1 -> day 2 with rows changed, added, removed, duplicated, a new id conflict and a
+    resolved one: the incremental run writes what a full run writes, and normalises only the
+    rows it has not seen (plus the ones it never carries: malformed and id-conflict rows)."""
+    base = [case for _, case, _ in CASES] + [
+        row(f"p{i}", name=f"Cotton Shirt {i}") for i in range(40)
+    ]
+    path = tmp_path / "catalog.csv"
+    _write_rows(path, base)
+    config = catalog_config(path, tmp_path / "work")
+    first = clean.run(spark, config)
+    assert first.metrics["incremental"] == 0.0
+    assert first.rows["carried"] == 0
+    assert first.rows["normalised"] == first.rows["in"] - first.rows["exact_duplicates"]
+
+    day2 = [r for r in base if r[0] not in ("p2", "p3")]  # two products gone
+    day2 = [r for r in day2 if not (r[0] == "conflict" and r[6] == "12.00")]  # conflict resolved
+    day2 = [row("p0", name="Linen Shirt 0") if r[0] == "p0" else r for r in day2]  # changed
+    day2 = [row("p1", price="7.50", name="Cotton Shirt 1") if r[0] == "p1" else r for r in day2]
+    day2 += [row("p100", name="Wool Scarf"), row("p101", name="Silk Tie")]  # new
+    day2 += [row("p4", name="Cotton Shirt 4")]  # an exact duplicate of a carried row
+    day2 += [row("p5", name="Cotton Shirt 5", price="99.00")]  # a new conflict with p5
+    _write_rows(path, day2)
+    second = clean.run(spark, config)
+    full = clean.run(
+        spark, catalog_config(path, tmp_path / "full", "csv", "clean.incremental=false")
+    )
+
+    assert second.metrics["incremental"] == 1.0 and full.metrics["incremental"] == 0.0
+    got, want = _published(spark, second), _published(spark, full)
+    assert [r for r in got[1] if r not in want[1]] == [r for r in want[1] if r not in got[1]]
+    assert got == want
+    for key in ("in", "clean", "quarantined", "exact_duplicates"):
+        assert second.rows[key] == full.rows[key], key
+    # p0, p1 (changed), p100, p101 (new), p5's new variant, the formerly conflicting row
+    # (it was quarantined for the conflict, so never carried), and the rows never carried:
+    # the malformed line and the row without a product_id (CSV reads "" as null).
+    assert second.rows["normalised"] == 8
+    assert second.rows["carried"] == second.rows["in"] - second.rows["exact_duplicates"] - 8
+    catalog, quarantine = _published(spark, second)
+    ids = {r["product_id"] for r in catalog}
+    assert {"p0", "p1", "p100", "p101", "conflict"} <= ids and not {"p2", "p3", "p5"} & ids
+    assert next(r for r in catalog if r["product_id"] == "p0")["title"] == "linen shirt 0"
+    assert {r["reason"] for r in quarantine if r["product_id"] == "p5"} == {"duplicate_id_conflict"}
+
+    third = clean.run(spark, config)  # nothing changed: only never-carried rows again
+    assert _published(spark, third) == _published(spark, full)
+    assert third.rows["normalised"] == 4  # p5's two variants, no id, the malformed line
+
+    ruled = clean.run(spark, catalog_config(path, tmp_path / "work", "csv", "clean.max_price=50"))
+    assert ruled.metrics["incremental"] == 0.0  # new rules: every row normalised again
+    assert ruled.rows["normalised"] == ruled.rows["in"] - ruled.rows["exact_duplicates"]

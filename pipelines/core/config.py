@@ -151,6 +151,9 @@ class CleanConfig(Strict):
     max_description_chars: int = Field(5000, ge=0)
     max_category_levels: int = Field(3, ge=1)
     max_price: float = Field(1e8, gt=0)
+    # Normalise only source rows that are new or changed since the last run (by row hash) and
+    # carry the rest; false: a full run. Outputs are the same either way.
+    incremental: bool = True
 
 
 class Word2VecConfig(Strict):

@@ -41,6 +41,11 @@ class Outputs:
         return self.stage("clean") / "quarantine"
 
     @property
+    def row_hashes(self) -> Path:
+        """The clean stage's hash of each source row and what it made of it (incremental)."""
+        return self.stage("clean") / "row_hashes"
+
+    @property
     def featured_catalog(self) -> Path:
         """The clean catalog with image features filled (the optional image_features stage)."""
         return self.stage("image_features") / "catalog"

@@ -26,10 +26,13 @@ __all__ = [
     "fold_string",
     "fold_text",
     "has_invalid_encoding",
+    "normalize_folded",
     "normalize_text",
     "parse_price",
+    "path_levels",
     "split_list",
     "split_path",
+    "trim_path",
 ]
 
 # ---------------------------------------------------------------------------
@@ -168,8 +171,9 @@ def _ascii_tail(col: Column) -> Column:
     return F.trim(F.regexp_replace(col, _SPACE_RUN, " "))
 
 
-def _normalize_folded(col: Column) -> Column:
-    """normalize_text for text that is already folded (pure built-ins)."""
+def normalize_folded(col: Column) -> Column:
+    """normalize_text for text fold_text already produced, such as category levels: pure
+    built-ins, no second repair."""
     text = F.regexp_replace(F.lower(col), _DELETE_IN_WORD, "")
     return F.trim(F.regexp_replace(text, _NOT_TOKEN_RUN, " "))
 
@@ -192,7 +196,7 @@ def fold_text(col: Column) -> Column:
 def normalize_text(col: Column) -> Column:
     """The tokenisable form every stage splits on ' ': only [a-z0-9. ], '.' only between
     digits, no apostrophes, no thousands commas; idempotent."""
-    return _normalize_folded(fold_text(col))
+    return normalize_folded(fold_text(col))
 
 
 def has_invalid_encoding(col: Column) -> Column:
@@ -237,21 +241,33 @@ def _split_folded(col: Column, separator: str) -> Column:
     return F.transform(folded, _ascii_tail)
 
 
-def split_path(col: Column, separator: str, title: Column, max_levels: int) -> Column:
-    """Category path -> at most `max_levels` folded levels, top first. Empty and truncated
-    ("...") levels are dropped, and so is a leaf that merely repeats the title."""
+def path_levels(col: Column, separator: str) -> Column:
+    """Category path -> its folded levels, top first, empty and truncated ("...") ones
+    dropped. A projection of its own: `trim_path` reads it several times."""
+    levels = _split_folded(F.regexp_replace(col, _PATH_WRAPPER, "$1"), separator)
+    return F.filter(levels, lambda level: (level != "") & ~level.endswith("..."))
+
+
+def trim_path(levels: Column, title: Column, max_levels: int) -> Column:
+    """`path_levels` -> at most `max_levels` of them, without a leaf that merely repeats the
+    (normalised) `title`."""
     if max_levels < 1:
         raise ValueError(f"max_levels must be >= 1, got {max_levels}")
-    levels = _split_folded(F.regexp_replace(col, _PATH_WRAPPER, "$1"), separator)
-    levels = F.filter(levels, lambda level: (level != "") & ~level.endswith("..."))
-    leaf = _normalize_folded(F.try_element_at(levels, F.lit(-1)))
-    name = normalize_text(title)
-    leaf_is_title = (leaf != "") & (name != "") & (name.startswith(leaf) | leaf.startswith(name))
+    leaf = normalize_folded(F.try_element_at(levels, F.lit(-1)))
+    leaf_is_title = (leaf != "") & (title != "") & (title.startswith(leaf) | leaf.startswith(title))
     keep = F.size(levels) - F.when(leaf_is_title, 1).otherwise(0)
     return F.slice(levels, 1, F.least(keep, F.lit(max_levels)))
 
 
+def split_path(col: Column, separator: str, title: Column, max_levels: int) -> Column:
+    """Category path -> at most `max_levels` folded levels, top first. Empty and truncated
+    ("...") levels are dropped, and so is a leaf that merely repeats the (raw) title. The
+    clean stage makes `path_levels` a column first and calls `trim_path` on it: as one
+    expression, Spark derives the levels again for every place that reads them."""
+    return trim_path(path_levels(col, separator), normalize_text(title), max_levels)
+
+
 def split_list(col: Column, separator: str) -> Column:
     """Bullet list "a | b | c" -> normalised, non-empty items."""
-    items = F.transform(_split_folded(col, separator), _normalize_folded)
+    items = F.transform(_split_folded(col, separator), normalize_folded)
     return F.filter(items, lambda item: item != "")

@@ -5,28 +5,41 @@ Every input row ends in exactly one place: the clean catalog, the quarantine (wi
 a reason code and a message), or the count of exact duplicates. The stage checks
 rows in = clean + quarantined + duplicates and fails loudly if it ever does not hold.
 All per-row work is Spark SQL built-ins except the Unicode repair inside
-`pipelines.data.text`, which only sees the rows that need it.
+`pipelines.data.text`, which only sees the fields that need it.
+
+A run keeps, beside its outputs, a hash of each source row and what it made of the row
+(`Outputs.row_hashes`). With `clean.incremental` (the default) the next run normalises only
+rows whose hash is new, carries the others from the previous clean catalog, and drops the
+vanished ones; duplicates and id conflicts are decided again over all rows, so the outputs
+equal a full run's. New rules (settings or code) or a catalog written by anything else make
+it a full run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
+import sys
+import uuid
 from pathlib import Path
 
 import mlflow
 from py4j.protocol import Py4JJavaError
 from pyspark import StorageLevel
 from pyspark.errors import PySparkException
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines.core import faults
-from pipelines.core.config import CatalogConfig, CleanConfig, Config, Lookup
+from pipelines.core.config import CatalogConfig, Config, Lookup
 from pipelines.core.errors import CatalogError
-from pipelines.core.outputs import StageResult
+from pipelines.core.outputs import StageResult, publish_folder
+from pipelines.data import catalog as catalog_module
 from pipelines.data import text
-from pipelines.data.catalog import CLEAN_SCHEMA, content_hash
+from pipelines.data.catalog import CLEAN_SCHEMA, clean_files_stamp, content_hash, read_clean
 from pipelines.data.synthetic import ensure_synthetic_catalog
 
 __all__ = [
@@ -171,56 +184,63 @@ def check_columns(frame: DataFrame, catalog: CatalogConfig) -> None:
             )
 
 
-def _raw(frame: DataFrame, source: str | None) -> Column:
-    """A mapped source column as a string (null when unmapped)."""
-    return F.col(f"`{source}`").cast("string") if source else F.lit(None).cast("string")
+_RAW = "_raw:"  # prefix of the mapped source fields, as read
+_TODO = "_todo"  # whether this run normalises the row (not a carried row or a duplicate)
+_KEY = ("_h1", "_h2")
+_PREV = "_prev_"  # prefix of the previous run's columns in an incremental run
+_CONFLICT_MESSAGE = "product_id appears on rows with different content"
+_RULES_FILE = "_rules.json"  # beside the row hashes: which rules and which catalog they match
+_RULE_MODULES = (text, sys.modules[__name__], catalog_module)
+
+
+def _value(source: str) -> Column:
+    """A mapped source field as read, null on rows this run does not normalise: every rule
+    then short-cuts on null for them."""
+    return F.when(F.col(_TODO), F.col(f"`{_RAW}{source}`"))
+
+
+def _field(source: str | None) -> Column:
+    """A mapped source field as a string (null when unmapped or not normalised)."""
+    if source is None:
+        return F.lit(None).cast("string")
+    return _value(source).cast("string")
 
 
 def _blank(column: Column) -> Column:
     return column.isNull() | (F.trim(column) == "")
 
 
-def _bullets(frame: DataFrame, catalog: CatalogConfig) -> Column:
+def _bullets(types: dict[str, T.DataType], catalog: CatalogConfig) -> Column:
     source = catalog.columns.bullets
     if source is None:
         return F.lit(None).cast("array<string>")
-    if isinstance(frame.schema[source].dataType, T.ArrayType):
-        items = F.transform(
-            F.col(f"`{source}`"), lambda item: text.normalize_text(item.cast("string"))
-        )
+    if isinstance(types[source], T.ArrayType):
+        items = F.transform(_value(source), lambda item: text.normalize_text(item.cast("string")))
         return F.filter(items, lambda item: item != "")
-    return text.split_list(_raw(frame, source), catalog.bullet_separator)
+    return text.split_list(_field(source), catalog.bullet_separator)
 
 
-def _category(frame: DataFrame, catalog: CatalogConfig, clean: CleanConfig) -> Column:
+def _category_levels(catalog: CatalogConfig) -> Column:
+    """The folded category levels before the title leaf and the level limit."""
     source = catalog.columns.category_path
     if source is None:
         return F.lit(None).cast("array<string>")
     if isinstance(source, list):
-        levels = F.array(*[text.fold_text(_raw(frame, column)) for column in source])
-        return F.slice(
-            F.filter(levels, lambda level: level.isNotNull() & (level != "")),
-            1,
-            clean.max_category_levels,
-        )
-    return text.split_path(
-        _raw(frame, source),
-        catalog.category_separator,
-        _raw(frame, catalog.columns.title),
-        clean.max_category_levels,
-    )
+        levels = F.array(*[text.fold_text(_field(column)) for column in source])
+        return F.filter(levels, lambda level: level.isNotNull() & (level != ""))
+    return text.path_levels(_field(source), catalog.category_separator)
 
 
-def _image_features(frame: DataFrame, catalog: CatalogConfig) -> tuple[Column, Column]:
+def _image_features(types: dict[str, T.DataType], catalog: CatalogConfig) -> tuple[Column, Column]:
     """(features array<float>, is_bad): arrays pass through; strings like "[0.1, 0.2]" parse."""
     source = catalog.columns.image_features
     if source is None:
         return F.lit(None).cast("array<float>"), F.lit(False)
-    if isinstance(frame.schema[source].dataType, T.ArrayType):
-        features = F.col(f"`{source}`").cast("array<float>")
-        items = F.col(f"`{source}`").cast("array<string>")
+    if isinstance(types[source], T.ArrayType):
+        features = _value(source).cast("array<float>")
+        items = _value(source).cast("array<string>")
     else:
-        raw = F.regexp_replace(F.trim(_raw(frame, source)), r"^\[|\]$", "")
+        raw = F.regexp_replace(F.trim(_field(source)), r"^\[|\]$", "")
         items = F.when(_blank(raw), F.lit(None)).otherwise(F.split(F.trim(raw), r"[,\s]+"))
         features = F.transform(items, lambda item: item.try_cast("float"))
     is_bad = F.coalesce(
@@ -232,93 +252,95 @@ def _image_features(frame: DataFrame, catalog: CatalogConfig) -> tuple[Column, C
     return features, is_bad
 
 
-def _attributes(frame: DataFrame, catalog: CatalogConfig) -> Column:
+def _attributes(catalog: CatalogConfig) -> Column:
     if not catalog.attributes:
         return F.lit(None).cast("map<string,string>")
     pairs = []
     for name, source in catalog.attributes.items():
-        pairs += [F.lit(name), text.normalize_text(_raw(frame, source))]
+        pairs += [F.lit(name), text.normalize_text(_field(source))]
     return F.map_filter(F.create_map(*pairs), lambda _, value: value.isNotNull() & (value != ""))
 
 
-def transform(frame: DataFrame, config: Config) -> DataFrame:
-    """Source rows -> canonical columns + `_reason`/`_message` (null when clean) + `_duplicate`."""
+def _keyed(frame: DataFrame, catalog: CatalogConfig) -> DataFrame:
+    """One row per source row: product_id, the row key, the mapped fields as read (a struct),
+    the corrupt-record text and the source file. The key is two 64-bit xxhash64 chains over
+    the mapped fields and their null flags (so ("a", null) and (null, "a") differ): 128 bits,
+    no collision to expect in any catalog, at a fraction of SHA-256 over JSON."""
+    sources = list(dict.fromkeys(mapped_columns(catalog)))
+    fields = [F.col(f"`{name}`") for name in sources]
+    if catalog.columns.product_id:
+        product_id = F.trim(fields[sources.index(catalog.columns.product_id)].cast("string"))
+    else:  # an id from the content, stable across runs and versions: readers join on it
+        raw_row = F.to_json(F.struct(*fields), {"ignoreNullFields": "false"})
+        product_id = F.substring(F.sha2(raw_row, 256), 1, 24)
+    flagged = [item for field in fields for item in (field, field.isNull())]
+    return frame.select(
+        product_id.alias("product_id"),
+        F.xxhash64(*flagged).alias(_KEY[0]),
+        F.xxhash64(F.lit("prodvec"), *flagged).alias(_KEY[1]),
+        *[field.alias(_RAW + name) for field, name in zip(fields, sources, strict=True)],
+        F.col(CORRUPT).alias("_corrupt"),
+        F.col("_source_file"),
+    )
+
+
+def _with_duplicates(keyed: DataFrame) -> DataFrame:
+    """`_duplicate`: a copy of an earlier row (same product_id and key; the first by source
+    file stays); `_conflict`: the product_id has rows of different content. One shuffle by
+    product_id serves both windows."""
+    by_id = Window.partitionBy("product_id")
+    by_row = Window.partitionBy("product_id", *_KEY).orderBy("_source_file")
+    differ = [F.min(key).over(by_id) != F.max(key).over(by_id) for key in _KEY]
+    return keyed.withColumn("_duplicate", F.row_number().over(by_row) > 1).withColumn(
+        "_conflict", F.col("product_id").isNotNull() & (differ[0] | differ[1])
+    )
+
+
+def _normalised(frame: DataFrame, config: Config, types: dict[str, T.DataType]) -> DataFrame:
+    """The canonical columns and the row's own quarantine reason and message
+    (`_local_reason`, `_local_message`: every check but the id conflict), from `_in`.
+
+    Three projections, each reading the one before: Spark does not share an expression that
+    holds a lambda (category levels, bullets) between the places that read it, so each
+    intermediate is a column of its own. All Unicode repair of a row's raw fields is one
+    Python step, fed only the fields that need it."""
     catalog, clean = config.catalog, config.clean
     columns = catalog.columns
-    sources = list(dict.fromkeys(mapped_columns(catalog)))
-    raw_row = F.to_json(
-        F.struct(*[F.col(f"`{name}`") for name in sources]), {"ignoreNullFields": "false"}
-    )
-    source_row = F.when(
-        F.col(CORRUPT).isNotNull(), F.to_json(F.struct(F.col(CORRUPT).alias(CORRUPT)))
-    ).otherwise(raw_row)
-
-    raw_title = _raw(frame, columns.title)
-    raw_id = (
-        F.trim(_raw(frame, columns.product_id))
-        if columns.product_id
-        else F.substring(F.sha2(raw_row, 256), 1, 24)
-    )
-    price = text.parse_price(_raw(frame, columns.price), catalog.currency)
-    features, bad_features = _image_features(frame, catalog)
+    title_raw = _field(columns.title)
+    price = text.parse_price(_field(columns.price), catalog.currency)
+    features, bad_features = _image_features(types, catalog)
     encoding_bad = F.lit(False)
     for source in (columns.title, columns.description, columns.brand):
         if source:
             encoding_bad = encoding_bad | F.coalesce(
-                text.has_invalid_encoding(_raw(frame, source)), F.lit(False)
+                text.has_invalid_encoding(_field(source)), F.lit(False)
             )
-
-    staged = frame.select(
-        raw_id.alias("product_id"),
-        text.normalize_text(raw_title).alias("title"),
-        raw_title.alias("title_raw"),
+    frame = frame.select(
+        "*",
+        text.normalize_text(title_raw).alias("title"),
+        title_raw.alias("title_raw"),
         F.substring(
-            text.normalize_text(_raw(frame, columns.description)), 1, clean.max_description_chars
+            text.normalize_text(_field(columns.description)), 1, clean.max_description_chars
         ).alias("description"),
-        _bullets(frame, catalog).alias("bullets"),
-        F.nullif(text.normalize_text(_raw(frame, columns.brand)), F.lit("")).alias("brand"),
-        _category(frame, catalog, clean).alias("category_path"),
-        price.amount.alias("price"),
-        F.when(
-            price.amount.isNotNull(),
-            F.coalesce(F.upper(F.trim(_raw(frame, columns.currency))), price.currency),
-        ).alias("currency"),
-        _raw(frame, columns.product_group).alias("_group_raw"),
-        F.coalesce(F.trim(_raw(frame, columns.locale)), F.lit(catalog.locale)).alias("locale"),
-        _attributes(frame, catalog).alias("attributes"),
+        _bullets(types, catalog).alias("bullets"),
+        F.nullif(text.normalize_text(_field(columns.brand)), F.lit("")).alias("brand"),
+        _category_levels(catalog).alias("_levels"),
+        price.alias("_price"),
+        F.upper(F.trim(_field(columns.currency))).alias("_currency"),
+        text.normalize_text(_field(columns.product_group)).alias("_group"),
+        F.coalesce(F.trim(_field(columns.locale)), F.lit(catalog.locale)).alias("locale"),
+        _attributes(catalog).alias("attributes"),
         features.alias("image_features"),
         F.lit(catalog.name).alias("source"),
-        source_row.alias("_source_row"),
-        F.col("_source_file"),
-        F.sha2(raw_row, 256).alias("_row_hash"),
-        F.col(CORRUPT).isNotNull().alias("_malformed"),
-        raw_title.isNull().alias("_title_null"),
-        F.length(raw_title).alias("_title_chars"),
-        price.error.alias("_price_error"),
+        F.length(title_raw).alias("_title_chars"),
         encoding_bad.alias("_encoding_bad"),
         bad_features.alias("_features_bad"),
     )
-    group_source = F.coalesce(F.col("_group_raw"), F.try_element_at("category_path", F.lit(1)))
-    group = F.regexp_replace(text.normalize_text(group_source), " ", "_")
-    staged = staged.withColumn(
-        "product_group", F.coalesce(F.nullif(group, F.lit("")), F.lit("unknown"))
-    ).withColumn("content_hash", content_hash())
-
-    # One shuffle serves both windows: (product_id, row hash) partitions are clustered by
-    # product_id, and exact duplicates share both keys.
-    by_id = Window.partitionBy("product_id")
-    conflict = F.col("product_id").isNotNull() & (
-        F.min("_row_hash").over(by_id) != F.max("_row_hash").over(by_id)
-    )
-    by_row = Window.partitionBy("product_id", "_row_hash").orderBy("_source_file")
-    staged = staged.withColumn("_conflict", conflict).withColumn(
-        "_duplicate", F.row_number().over(by_row) > 1
-    )
-
+    price_error, amount = F.col("_price.error"), F.col("_price.amount")
     checks: list[tuple[str, Column, Column]] = [
         (
             "malformed_record",
-            F.col("_malformed"),
+            F.col("_corrupt").isNotNull(),
             F.lit("the reader could not parse this record (wrong field count or quoting)"),
         ),
         ("missing_product_id", _blank(F.col("product_id")), F.lit("product_id is null or empty")),
@@ -329,7 +351,7 @@ def transform(frame: DataFrame, config: Config) -> DataFrame:
         ),
         (
             "missing_title",
-            F.col("_title_null") | (F.col("title") == ""),
+            F.col("title_raw").isNull() | (F.col("title") == ""),
             F.lit("title is null, empty, or has no letters or digits"),
         ),
         (
@@ -341,19 +363,19 @@ def transform(frame: DataFrame, config: Config) -> DataFrame:
         ),
         (
             "unparsable_price",
-            F.col("_price_error") == "unparsable_price",
+            price_error == "unparsable_price",
             F.lit("price has no number in it"),
         ),
         (
             "negative_price",
-            F.col("_price_error") == "negative_price",
-            F.format_string("price %s is negative", F.col("price").cast("string")),
+            price_error == "negative_price",
+            F.format_string("price %s is negative", amount.cast("string")),
         ),
         (
             "price_out_of_range",
-            F.col("price") > clean.max_price,
+            amount > clean.max_price,
             F.format_string(
-                f"price %s is above max_price {clean.max_price:g}", F.col("price").cast("string")
+                f"price %s is above max_price {clean.max_price:g}", amount.cast("string")
             ),
         ),
         (
@@ -361,61 +383,250 @@ def transform(frame: DataFrame, config: Config) -> DataFrame:
             F.col("_features_bad"),
             F.lit("image_features has values that are not numbers"),
         ),
-        (
-            "duplicate_id_conflict",
-            ~F.col("_duplicate") & F.col("_conflict"),
-            F.lit("product_id appears on rows with different content"),
-        ),
     ]
-    assert tuple(code for code, _, _ in checks) == REASONS
-    reason = F.coalesce(*[F.when(condition, F.lit(code)) for code, condition, _ in checks])
-    message = F.coalesce(*[F.when(condition, text_) for _, condition, text_ in checks])
-    return staged.withColumn("_reason", F.when(~F.col("_duplicate"), reason)).withColumn(
-        "_message", F.when(~F.col("_duplicate"), message)
+    assert tuple(code for code, _, _ in checks) == REASONS[:-1]
+    frame = frame.select(
+        "*",
+        text.trim_path(F.col("_levels"), F.col("title"), clean.max_category_levels).alias(
+            "category_path"
+        ),
+        amount.alias("price"),
+        F.when(amount.isNotNull(), F.coalesce("_currency", "_price.currency")).alias("currency"),
+        F.coalesce(*[F.when(condition, F.lit(code)) for code, condition, _ in checks]).alias(
+            "_local_reason"
+        ),
+        F.coalesce(*[F.when(condition, message) for _, condition, message in checks]).alias(
+            "_local_message"
+        ),
+    )
+    # The first category level is folded already: normalising it needs no Python step.
+    first_level = text.normalize_folded(F.try_element_at("category_path", F.lit(1)))
+    group = F.regexp_replace(F.coalesce("_group", first_level), " ", "_")
+    return frame.withColumn(
+        "product_group", F.coalesce(F.nullif(group, F.lit("")), F.lit("unknown"))
+    ).withColumn("content_hash", content_hash())
+
+
+def _outcome(frame: DataFrame, carried: Column | None) -> DataFrame:
+    """Final columns: the clean ones (carried from the previous run where `carried`), the
+    row's own reason and message, then `_reason`/`_message` with the id conflict, null for
+    clean rows and duplicates, and `_source_row` (JSON) for quarantined rows only."""
+
+    def pick(name: str) -> Column:
+        if carried is None:
+            return F.col(name)
+        return F.when(carried, F.col(_PREV + name)).otherwise(F.col(name)).alias(name)
+
+    local_reason, local_message = pick("_local_reason"), pick("_local_message")
+    reason = F.when(
+        ~F.col("_duplicate"),
+        F.coalesce(local_reason, F.when(F.col("_conflict"), F.lit("duplicate_id_conflict"))),
+    )
+    message = F.when(
+        ~F.col("_duplicate"),
+        F.coalesce(local_message, F.when(F.col("_conflict"), F.lit(_CONFLICT_MESSAGE))),
+    )
+    raw = [
+        F.col(f"`{name}`").alias(name[len(_RAW) :])
+        for name in frame.columns
+        if name.startswith(_RAW)
+    ]
+    source_row = F.when(
+        F.col("_corrupt").isNotNull(), F.to_json(F.struct(F.col("_corrupt").alias(CORRUPT)))
+    ).otherwise(F.to_json(F.struct(*raw), {"ignoreNullFields": "false"}))
+    return frame.select(
+        *[
+            F.col(field.name) if field.name in ("product_id", "source") else pick(field.name)
+            for field in CLEAN_SCHEMA.fields
+        ],
+        *_KEY,
+        "_duplicate",
+        F.col("_corrupt").isNotNull().alias("_malformed"),
+        (F.lit(True) if carried is None else ~carried).alias("_normalised"),
+        local_reason.alias("_local_reason"),
+        local_message.alias("_local_message"),
+        reason.alias("_reason"),
+        message.alias("_message"),
+        F.when(reason.isNotNull(), source_row).alias("_source_row"),
+        "_source_file",
     )
 
 
+def transform(frame: DataFrame, config: Config) -> DataFrame:
+    """Source rows -> canonical columns + `_reason`/`_message` (null when clean) + `_duplicate`
+    + `_source_row` (JSON, quarantined rows only) + `_source_file`; every row normalised."""
+    types = {field.name: field.dataType for field in frame.schema.fields}
+    settled = _with_duplicates(_keyed(frame, config.catalog))
+    staged = settled.withColumn(_TODO, F.lit(True))
+    return _outcome(_normalised(staged, config, types), None)
+
+
+def _incremental(frame: DataFrame, previous: DataFrame, config: Config) -> tuple[DataFrame, Column]:
+    """The source rows joined to what the previous run made of the same rows (same
+    product_id and key), normalising only the others. The join is on product_id alone (the
+    key is a residual condition), so its shuffle is also the one the duplicate windows need."""
+    types = {field.name: field.dataType for field in frame.schema.fields}
+    keyed = _keyed(frame, config.catalog)
+    prev = previous.select([F.col(name).alias(_PREV + name) for name in previous.columns])
+    same_key = F.coalesce(
+        (F.col(_KEY[0]) == F.col(_PREV + _KEY[0])) & (F.col(_KEY[1]) == F.col(_PREV + _KEY[1])),
+        F.lit(False),
+    )
+    joined = keyed.join(
+        prev, (F.col("product_id") == F.col(_PREV + "product_id")) & same_key, "left"
+    )
+    carried = (
+        F.col(_PREV + _KEY[0]).isNotNull()
+        & F.col("_corrupt").isNull()
+        & (F.col(_PREV + "_local_reason").isNotNull() | F.col(_PREV + "title").isNotNull())
+    )
+    settled = _with_duplicates(joined).withColumn("_carried", carried)
+    staged = settled.withColumn(_TODO, ~F.col("_duplicate") & ~F.col("_carried"))
+    return _normalised(staged, config, types), F.col("_carried")
+
+
+def _rules_digest(config: Config) -> str:
+    """What a carried row's normalisation depends on besides the row: the catalog settings
+    (not its path: the next export lands elsewhere), the clean settings and the code of the
+    rules. Rows hashed under another digest are normalised again."""
+    catalog = config.catalog.model_dump(mode="json", exclude={"path", "synthetic"})
+    rules = config.clean.model_dump(mode="json", exclude={"incremental"})
+    digest = hashlib.sha256(json.dumps([catalog, rules], sort_keys=True).encode())
+    for module in _RULE_MODULES:  # getsource: also inside the zip spark-submit ships
+        digest.update(inspect.getsource(module).encode())
+    return digest.hexdigest()
+
+
+def _previous(spark: SparkSession, config: Config) -> tuple[DataFrame | None, str]:
+    """What the last run made of each source row, when it can be reused: (product_id, key,
+    its own reason and message, and for clean rows the clean columns), and why (not)."""
+    outputs = config.outputs
+    stamp = outputs.row_hashes / _RULES_FILE
+    if not stamp.is_file():
+        return None, "no row hashes from a previous run"
+    written = json.loads(stamp.read_text())
+    if written["rules"] != _rules_digest(config):
+        return None, "the rules changed since the previous run"
+    if written["catalog_files"] != clean_files_stamp(outputs.clean_catalog):
+        return None, "the clean catalog is not the one the row hashes were written with"
+    rows = spark.read.schema(_ROWS_SCHEMA).parquet(str(outputs.row_hashes))
+    catalog = read_clean(spark, config, featured=False)
+    previous = rows.select(
+        "product_id",
+        *_KEY,
+        F.col("reason").alias("_local_reason"),
+        F.col("message").alias("_local_message"),
+    ).join(catalog, "product_id", "left")
+    return previous, "row hashes of the previous run"
+
+
+_ROWS_SCHEMA = T.StructType(
+    [
+        T.StructField("product_id", T.StringType(), False),
+        T.StructField(_KEY[0], T.LongType(), False),
+        T.StructField(_KEY[1], T.LongType(), False),
+        T.StructField("reason", T.StringType(), True),
+        T.StructField("message", T.StringType(), True),
+    ]
+)
+
+
+def _write(frame: DataFrame, target: Path) -> Path:
+    """Write `frame` as Parquet beside `target` (published later, with the others)."""
+    staging = target.with_name(f".{target.name}-staging-{uuid.uuid4().hex[:8]}")
+    frame.write.parquet(str(staging))
+    return staging
+
+
 def run(spark: SparkSession, config: Config) -> StageResult:
-    """Read, check, transform, write the clean catalog and the quarantine, check the invariant."""
+    """Read, check, transform (incrementally when the previous run's row hashes allow), write
+    the clean catalog, the quarantine and the row hashes, check the invariant."""
     source = read_catalog(spark, config)
     check_columns(source, config.catalog)
-    rows_in = source.count()
-    staged = faults.inject(transform(source, config), "clean").persist(StorageLevel.MEMORY_AND_DISK)
+    previous, why = _previous(spark, config) if config.clean.incremental else (None, "full run")
+    rows_in = Observation("clean_rows_in")
+    source = source.observe(rows_in, F.count(F.lit(1)).alias("rows"))
+    if previous is None:
+        staged = transform(source, config)
+    else:
+        normalised, carried = _incremental(source, previous, config)
+        staged = _outcome(normalised, carried)
+    mode = "full" if previous is None else "incremental"
+    log.info("clean: %s run (%s)", mode, why)
+    staged = faults.inject(staged, "clean").persist(StorageLevel.MEMORY_AND_DISK)
+    outputs = config.outputs
     try:
-        outputs = config.outputs
-        clean_rows = staged.filter(~F.col("_duplicate") & F.col("_reason").isNull())
-        clean_rows.select([F.col(field.name) for field in CLEAN_SCHEMA.fields]).write.mode(
-            "overwrite"
-        ).parquet(str(outputs.clean_catalog))
-        quarantined = staged.filter(F.col("_reason").isNotNull()).select(
-            "product_id",
-            F.col("_reason").alias("reason"),
-            F.col("_message").alias("message"),
-            F.col("_source_row").alias("source_row"),
-            F.col("_source_file").alias("source_file"),
-            "source",
+        catalog = _write(
+            staged.filter(~F.col("_duplicate") & F.col("_reason").isNull()).select(
+                [F.col(field.name) for field in CLEAN_SCHEMA.fields]
+            ),
+            outputs.clean_catalog,
         )
-        quarantined.write.mode("overwrite").parquet(str(outputs.quarantine))
+        quarantine = _write(
+            staged.filter(F.col("_reason").isNotNull()).select(
+                "product_id",
+                F.col("_reason").alias("reason"),
+                F.col("_message").alias("message"),
+                F.col("_source_row").alias("source_row"),
+                F.col("_source_file").alias("source_file"),
+                "source",
+            ),
+            outputs.quarantine,
+        )
+        # A row can be carried next time if the run knows all it needs about it: its own
+        # reason, or its clean columns (in the catalog). Id conflicts are decided again.
+        reusable = (
+            ~F.col("_duplicate")
+            & ~F.col("_malformed")
+            & F.col("product_id").isNotNull()
+            & (F.col("_reason").isNull() | F.col("_local_reason").isNotNull())
+        )
+        hashes = _write(
+            staged.filter(reusable).select(
+                "product_id",
+                *_KEY,
+                F.col("_local_reason").alias("reason"),
+                F.col("_local_message").alias("message"),
+            ),
+            outputs.row_hashes,
+        )
         outcome = (
             staged.groupBy(
                 F.when(F.col("_duplicate"), "exact_duplicate")
                 .otherwise(F.coalesce("_reason", F.lit("clean")))
-                .alias("outcome")
+                .alias("outcome"),
+                (~F.col("_duplicate") & F.col("_normalised")).alias("normalised"),
             )
             .count()
             .collect()
         )
     finally:
         staged.unpersist()
-    counts = {row["outcome"]: row["count"] for row in outcome}
+    counts: dict[str, int] = {}
+    for row in outcome:
+        counts[row["outcome"]] = counts.get(row["outcome"], 0) + row["count"]
+    normalised = sum(row["count"] for row in outcome if row["normalised"])
     rows = {
-        "in": rows_in,
+        "in": rows_in.get["rows"],
         "clean": counts.pop("clean", 0),
         "exact_duplicates": counts.pop("exact_duplicate", 0),
     }
     rows["quarantined"] = sum(counts.values())
     if rows["in"] != rows["clean"] + rows["quarantined"] + rows["exact_duplicates"]:
         raise RuntimeError(f"clean stage lost rows: {rows} (bug: please report)")
+    rows["normalised"] = normalised
+    rows["carried"] = rows["in"] - rows["exact_duplicates"] - normalised
+    publish_folder(catalog, outputs.clean_catalog)
+    publish_folder(quarantine, outputs.quarantine)
+    (hashes / _RULES_FILE).write_text(
+        json.dumps(
+            {
+                "rules": _rules_digest(config),
+                "catalog_files": clean_files_stamp(outputs.clean_catalog),
+            }
+        )
+    )
+    publish_folder(hashes, outputs.row_hashes)
     log.info("clean: %s; quarantine reasons %s", rows, counts)
     if mlflow.active_run():
         mlflow.log_dict(
@@ -425,8 +636,12 @@ def run(spark: SparkSession, config: Config) -> StageResult:
     return StageResult(
         rows=rows,
         outputs={
-            "catalog": str(config.outputs.clean_catalog),
-            "quarantine": str(config.outputs.quarantine),
+            "catalog": str(outputs.clean_catalog),
+            "quarantine": str(outputs.quarantine),
+            "row_hashes": str(outputs.row_hashes),
         },
-        metrics={"quarantine_fraction": rows["quarantined"] / max(rows_in, 1)},
+        metrics={
+            "quarantine_fraction": rows["quarantined"] / max(rows["in"], 1),
+            "incremental": float(previous is not None),
+        },
     )
