@@ -87,6 +87,7 @@ SPACE_RUN = _python_regex(text._SPACE_RUN)
 DELETE_IN_WORD = _python_regex(text._DELETE_IN_WORD)
 NOT_TOKEN_RUN = _python_regex(text._NOT_TOKEN_RUN)
 INVALID_ENCODING = _python_regex(text._INVALID_ENCODING)
+CONTROL = clean.CONTROL_CHARACTERS  # the same pattern in Python's re
 PATH_WRAPPER = _python_regex(text._PATH_WRAPPER)
 PRICE = _python_regex(text._PRICE)
 DECIMAL_COMMA = _python_regex(text._DECIMAL_COMMA)
@@ -256,7 +257,10 @@ MESSAGES = {
     "missing_title": "title is null, empty, or has no letters or digits",
     "unparsable_price": "price has no number in it",
     "bad_image_features": "image_features has values that are not numbers",
-    "duplicate_id_conflict": "product_id appears on rows with different content",
+    "invalid_product_id": "product_id holds control characters",
+    "duplicate_id_conflict": (
+        "product_id appears on rows with different content; the most complete row was kept"
+    ),
 }
 
 
@@ -276,7 +280,7 @@ def pandas_clean(csv: Path, out: Path, config: Config) -> dict[str, int]:
 
     title_raw = raw[columns.title]
     product_id = raw[columns.product_id].str.strip(" ")
-    title = normalize_text(title_raw)
+    title = normalize_text(title_raw).str.slice(0, rules.max_title_chars).str.rstrip(" ")
     description = normalize_text(raw[columns.description]).str.slice(0, rules.max_description_chars)
     bullets = split_list(raw[columns.bullets], catalog.bullet_separator)
     brand = normalize_text(raw[columns.brand])
@@ -301,18 +305,24 @@ def pandas_clean(csv: Path, out: Path, config: Config) -> dict[str, int]:
     firsts = product_id[~duplicate & product_id.notna().to_numpy()]
     conflict = np.zeros(n, dtype=bool)
     conflict[firsts.index.to_numpy()] = firsts.duplicated(keep=False).to_numpy()
+    # Of an id's different rows the stage keeps the most complete, then the first by its
+    # fields' text (one source file here).
+    ranked = raw.loc[conflict, sources].assign(
+        _id=product_id[conflict], _filled=-raw.loc[conflict, sources].notna().sum(axis=1)
+    )
+    ranked = ranked.sort_values(["_id", "_filled", *sources], na_position="first", kind="stable")
+    conflict[ranked.drop_duplicates("_id").index.to_numpy()] = False
 
     encoding_bad = np.zeros(n, dtype=bool)
     for source in (columns.title, columns.description, columns.brand):
         encoding_bad |= raw[source].str.contains(INVALID_ENCODING, na=False).to_numpy()
-    title_chars = title_raw.str.len().to_numpy(dtype=float)
     amount, error = price["amount"].to_numpy(), price["error"].to_numpy()
     checks = {  # clean.REASONS, in priority order
         "malformed_record": malformed,
         "missing_product_id": (product_id.isna() | (product_id == "")).to_numpy(),
+        "invalid_product_id": product_id.str.contains(CONTROL, na=False).to_numpy(),
         "invalid_encoding": encoding_bad,
         "missing_title": (title_raw.isna() | (title == "")).to_numpy(),
-        "title_too_long": title_chars > rules.max_title_chars,
         "unparsable_price": error == "unparsable_price",
         "negative_price": error == "negative_price",
         "price_out_of_range": amount > rules.max_price,
@@ -374,10 +384,7 @@ def pandas_clean(csv: Path, out: Path, config: Config) -> dict[str, int]:
     reasons = np.array(clean.REASONS, dtype=object)[first_reason[held]]
     messages = []
     for reason, row in zip(reasons, held, strict=True):
-        if reason == "title_too_long":
-            chars = int(title_chars[row])
-            messages.append(f"title has {chars} characters, limit {rules.max_title_chars}")
-        elif reason == "negative_price":
+        if reason == "negative_price":
             messages.append(f"price {java_double(amount[row])} is negative")
         elif reason == "price_out_of_range":
             value = java_double(amount[row])

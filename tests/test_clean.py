@@ -83,14 +83,17 @@ CASES: list[tuple[str, list[str], str]] = [
     ),
     ("empty_title", row("notitle", name=""), "missing_title"),
     ("punctuation_title", row("punct", name="!!! ??? ..."), "missing_title"),
-    ("long_title", row("long", name="Extra " * 100), "title_too_long"),
+    ("long_title", row("long", name="Extra " * 100), "clean"),  # cut, not quarantined
     ("unparsable_price", row("badprice", price="call for price"), "unparsable_price"),
     ("negative_price", row("negprice", price="-49.99"), "negative_price"),
     ("huge_price", row("hugeprice", price="999999999999"), "price_out_of_range"),
     ("replacement_char", row("fffd", name="Broken \ufffd Title"), "invalid_encoding"),
     ("missing_id", row("", name="No Id Shirt"), "missing_product_id"),
-    ("id_conflict", row("conflict", price="10.00"), "duplicate_id_conflict"),
     ("id_conflict", row("conflict", price="12.00"), "duplicate_id_conflict"),
+    ("id_conflict", row("conflict", price="10.00"), "clean"),  # first by its fields' text
+    ("id_conflict", row("conflict2", description=""), "duplicate_id_conflict"),
+    ("id_conflict", row("conflict2"), "clean"),  # the most complete row is kept
+    ("control_characters_in_id", row("esc\x1bid"), "invalid_product_id"),
     ("exact_duplicate", row("twice"), "clean"),
     ("exact_duplicate", row("twice"), "exact_duplicate"),
     ("exact_duplicate", row("twice"), "exact_duplicate"),
@@ -194,6 +197,9 @@ def test_clean_rows_are_normalised(bad_catalog):
         "weight_kg": "0.20",
     }
     assert catalog["twice"]["content_hash"] == catalog["ok1"]["content_hash"]
+    assert catalog["long"]["title"] == ("extra " * 67)[:400].rstrip()  # max_title_chars 400
+    assert catalog["long"]["title_raw"] == "Extra " * 100
+    assert catalog["conflict"]["price"] == 10.0 and catalog["conflict2"]["description"]
     assert catalog["entity"]["content_hash"] != catalog["ok1"]["content_hash"]
     for product in catalog.values():
         assert product["title"].isascii() and product["source"] == "synthetic"
@@ -256,7 +262,6 @@ def test_synthetic_defects_land_where_expected(spark, tmp_path):
     }
     expected = {
         "missing_title": "missing_title",
-        "long_title": "title_too_long",
         "bad_price": "unparsable_price",
         "negative_price": "negative_price",
         "invalid_encoding": "invalid_encoding",
@@ -266,6 +271,9 @@ def test_synthetic_defects_land_where_expected(spark, tmp_path):
         skus = frame.loc[frame["defect"] == defect, "sku"]
         assert len(skus) > 0, defect
         assert all(reasons.get(sku) == reason for sku in skus), defect
+    cleaned_ids = {r["product_id"] for r in read_clean(spark, config).collect()}
+    kept = frame.loc[frame["defect"].isin(["id_conflict", "long_title"]), "sku"]
+    assert set(kept) <= cleaned_ids  # one row of each conflicting id; long titles cut
     repaired = frame.loc[
         frame["defect"].isin(["html_entity", "mojibake", "accents", "brand_spaces", "html_tags"]),
         "sku",
@@ -371,20 +379,21 @@ def test_incremental_run_normalises_only_changed_rows_and_equals_a_full_run(spar
     assert got == want
     for key in ("in", "clean", "quarantined", "exact_duplicates"):
         assert second.rows[key] == full.rows[key], key
-    # p0, p1 (changed), p100, p101 (new), p5's new variant, the formerly conflicting row
-    # (it was quarantined for the conflict, so never carried), and the rows never carried:
-    # the malformed line and the row without a product_id (CSV reads "" as null).
+    # p0, p1 (changed), p100, p101 (new), p5's new variant, and the rows never carried: the
+    # row conflict2 lost (quarantined for the conflict alone), the malformed line and the row
+    # without a product_id (CSV reads "" as null). The kept row of `conflict` is carried.
     assert second.rows["normalised"] == 8
     assert second.rows["carried"] == second.rows["in"] - second.rows["exact_duplicates"] - 8
     catalog, quarantine = _published(spark, second)
     ids = {r["product_id"] for r in catalog}
-    assert {"p0", "p1", "p100", "p101", "conflict"} <= ids and not {"p2", "p3", "p5"} & ids
+    assert {"p0", "p1", "p100", "p101", "conflict", "p5"} <= ids and not {"p2", "p3"} & ids
     assert next(r for r in catalog if r["product_id"] == "p0")["title"] == "linen shirt 0"
+    assert next(r for r in catalog if r["product_id"] == "p5")["price"] == 19.99  # kept first
     assert {r["reason"] for r in quarantine if r["product_id"] == "p5"} == {"duplicate_id_conflict"}
 
     third = clean.run(spark, config)  # nothing changed: only never-carried rows again
     assert _published(spark, third) == _published(spark, full)
-    assert third.rows["normalised"] == 4  # p5's two variants, no id, the malformed line
+    assert third.rows["normalised"] == 4  # the two conflict losers, no id, the malformed line
 
     ruled = clean.run(spark, catalog_config(path, tmp_path / "work", "csv", "clean.max_price=50"))
     assert ruled.metrics["incremental"] == 0.0  # new rules: every row normalised again

@@ -43,6 +43,7 @@ from pipelines.data.catalog import CLEAN_SCHEMA, clean_files_stamp, content_hash
 from pipelines.data.synthetic import ensure_synthetic_catalog
 
 __all__ = [
+    "CONTROL_CHARACTERS",
     "CORRUPT",
     "QUARANTINE_SCHEMA",
     "REASONS",
@@ -56,6 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CORRUPT = "_corrupt_record"
+CONTROL_CHARACTERS = "[\\x00-\\x1f\\x7f-\\x9f]"  # Unicode Cc: NUL, tabs, escapes... in ids
 QUARANTINE_SCHEMA = T.StructType(
     [
         T.StructField("product_id", T.StringType(), True),
@@ -71,9 +73,9 @@ QUARANTINE_SCHEMA = T.StructType(
 REASONS = (
     "malformed_record",
     "missing_product_id",
+    "invalid_product_id",
     "invalid_encoding",
     "missing_title",
-    "title_too_long",
     "unparsable_price",
     "negative_price",
     "price_out_of_range",
@@ -188,7 +190,9 @@ _RAW = "_raw:"  # prefix of the mapped source fields, as read
 _TODO = "_todo"  # whether this run normalises the row (not a carried row or a duplicate)
 _KEY = ("_h1", "_h2")
 _PREV = "_prev_"  # prefix of the previous run's columns in an incremental run
-_CONFLICT_MESSAGE = "product_id appears on rows with different content"
+_CONFLICT_MESSAGE = (
+    "product_id appears on rows with different content; the most complete row was kept"
+)
 _RULES_FILE = "_rules.json"  # beside the row hashes: which rules and which catalog they match
 _RULE_MODULES = (text, sys.modules[__name__], catalog_module)
 
@@ -286,13 +290,23 @@ def _keyed(frame: DataFrame, catalog: CatalogConfig) -> DataFrame:
 
 def _with_duplicates(keyed: DataFrame) -> DataFrame:
     """`_duplicate`: a copy of an earlier row (same product_id and key; the first by source
-    file stays); `_conflict`: the product_id has rows of different content. One shuffle by
-    product_id serves both windows."""
+    file stays); `_conflict`: the product_id has rows of different content and this row is
+    not the one kept. The kept row is the most complete (most mapped fields set), then the
+    one from the last source file, then the first by its fields' text: deterministic, so the
+    product keeps an embedding and reruns keep the same row. One shuffle by product_id serves
+    every window."""
+    raw = [F.col(f"`{name}`").cast("string") for name in keyed.columns if name.startswith(_RAW)]
+    filled = sum((F.when(field.isNotNull(), 1).otherwise(0) for field in raw), F.lit(0))
     by_id = Window.partitionBy("product_id")
     by_row = Window.partitionBy("product_id", *_KEY).orderBy("_source_file")
+    preferred = by_id.orderBy(
+        filled.desc(), F.desc("_source_file"), *[field.asc_nulls_first() for field in raw]
+    )
     differ = [F.min(key).over(by_id) != F.max(key).over(by_id) for key in _KEY]
+    kept = [F.first(key).over(preferred) == F.col(key) for key in _KEY]
     return keyed.withColumn("_duplicate", F.row_number().over(by_row) > 1).withColumn(
-        "_conflict", F.col("product_id").isNotNull() & (differ[0] | differ[1])
+        "_conflict",
+        F.col("product_id").isNotNull() & (differ[0] | differ[1]) & ~(kept[0] & kept[1]),
     )
 
 
@@ -317,7 +331,9 @@ def _normalised(frame: DataFrame, config: Config, types: dict[str, T.DataType]) 
             )
     frame = frame.select(
         "*",
-        text.normalize_text(title_raw).alias("title"),
+        F.rtrim(F.substring(text.normalize_text(title_raw), 1, clean.max_title_chars)).alias(
+            "title"
+        ),  # cut, not quarantined: title_raw keeps the whole
         title_raw.alias("title_raw"),
         F.substring(
             text.normalize_text(_field(columns.description)), 1, clean.max_description_chars
@@ -332,7 +348,6 @@ def _normalised(frame: DataFrame, config: Config, types: dict[str, T.DataType]) 
         _attributes(catalog).alias("attributes"),
         features.alias("image_features"),
         F.lit(catalog.name).alias("source"),
-        F.length(title_raw).alias("_title_chars"),
         encoding_bad.alias("_encoding_bad"),
         bad_features.alias("_features_bad"),
     )
@@ -345,6 +360,11 @@ def _normalised(frame: DataFrame, config: Config, types: dict[str, T.DataType]) 
         ),
         ("missing_product_id", _blank(F.col("product_id")), F.lit("product_id is null or empty")),
         (
+            "invalid_product_id",
+            F.col("product_id").rlike(CONTROL_CHARACTERS),
+            F.lit("product_id holds control characters"),
+        ),
+        (
             "invalid_encoding",
             F.col("_encoding_bad"),
             F.lit("text holds U+FFFD or control characters (bytes were not valid UTF-8)"),
@@ -353,13 +373,6 @@ def _normalised(frame: DataFrame, config: Config, types: dict[str, T.DataType]) 
             "missing_title",
             F.col("title_raw").isNull() | (F.col("title") == ""),
             F.lit("title is null, empty, or has no letters or digits"),
-        ),
-        (
-            "title_too_long",
-            F.col("_title_chars") > clean.max_title_chars,
-            F.format_string(
-                f"title has %d characters, limit {clean.max_title_chars}", F.col("_title_chars")
-            ),
         ),
         (
             "unparsable_price",
