@@ -26,7 +26,8 @@ from models.mrnet import BiLSTMTitles, MRNet, TaskHead
 from pipelines import cli
 from pipelines.core import tracking
 from pipelines.core.config import Config, load_config
-from pipelines.data.catalog import read_clean
+from pipelines.core.errors import CatalogError
+from pipelines.data.catalog import COMPLETION_RECORD, read_clean, seal_clean
 from pipelines.data.tokenizer import PAD_ID, Vocabulary, tokenize
 from pipelines.model_types.serving import cached_model, pin, prepare_model
 from pipelines.stages import clean
@@ -205,6 +206,7 @@ def test_incremental_then_full_refresh(spark, base, tmp_path):
     shutil.rmtree(path)
     path.mkdir()
     pq.write_table(catalog, path / "part-0.parquet")
+    seal_clean(path, catalog.num_rows, config)
 
     third = run_stage("embed", config, spark)
     after = table_rows(config)
@@ -312,6 +314,27 @@ def test_group_model(spark, base, tmp_path):
         atol=1e-6,
     )
     assert len(table["embedding"][0]) == 16
+
+
+def test_a_truncated_or_unsealed_clean_catalog_leaves_the_table_unchanged(spark, base, tmp_path):
+    """Part files gone (a half-written or truncated clean output) or no completion record:
+    embed stops naming the catalog before it plans, so no product is removed."""
+    config, _, uri = base
+    config = scratch(config, tmp_path, f"embed.model_uri={uri}")
+    run_stage("embed", config, spark)
+    table = EmbeddingTable.from_config(config)
+    version, before = table.version(), table_rows(config)
+    path = config.outputs.clean_catalog
+    parts = sorted(path.glob("part-*"))
+    assert len(parts) > 1
+    for part in parts[1:]:
+        part.unlink()
+    with pytest.raises(CatalogError, match=r"is not the one clean sealed .* missing"):
+        run_stage("embed", config, spark)
+    (path / COMPLETION_RECORD).unlink()
+    with pytest.raises(CatalogError, match="has no completion record"):
+        run_stage("embed", config, spark)
+    assert table.version() == version and table_rows(config).equals(before)
 
 
 def test_a_model_folder_is_identified_by_its_content(tmp_path):

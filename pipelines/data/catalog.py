@@ -4,6 +4,12 @@ The clean stage writes it to `Outputs.clean_catalog`; the optional image_feature
 writes a copy with image features filled to `Outputs.featured_catalog`, stamped with the clean
 write it came from. Later stages read through `read_clean`, which picks the right one and
 refuses a featured copy of an older clean catalog.
+
+A clean catalog is sealed: the clean stage writes a completion record into the folder last
+(`seal_clean`: its part files with their sizes, rows, when, the config hash), and
+`read_clean` refuses a folder without one or whose files differ from it (a half-written,
+truncated or hand-edited catalog), naming it, so no stage reads a catalog clean never
+finished; the embed stage would otherwise delete every product missing from it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +36,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CLEAN_SCHEMA",
+    "COMPLETION_RECORD",
     "FEATURED_STAMP",
+    "check_sealed",
     "check_sources",
     "clean_files_stamp",
     "content_hash",
@@ -37,6 +46,7 @@ __all__ = [
     "mapped_tasks",
     "quarantine_counts",
     "read_clean",
+    "seal_clean",
 ]
 
 # The canonical clean catalog every later stage reads.
@@ -78,6 +88,46 @@ def clean_files_stamp(path: Path) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
+COMPLETION_RECORD = "_prodvec_complete.json"
+
+
+def _part_sizes(folder: Path) -> dict[str, int]:
+    return {part.name: part.stat().st_size for part in sorted(folder.glob("part-*"))}
+
+
+def seal_clean(folder: Path, rows: int, config: Config) -> None:
+    """Write `folder`'s completion record, after every part file is written."""
+    record = {
+        "rows": rows,
+        "files": _part_sizes(folder),
+        "written_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "config_hash": config.digest(),
+    }
+    (folder / COMPLETION_RECORD).write_text(json.dumps(record, indent=1))
+
+
+def check_sealed(folder: Path) -> dict[str, object]:
+    """`folder`'s completion record, after checking its part files are the ones it lists."""
+    record_path = folder / COMPLETION_RECORD
+    if not record_path.is_file():
+        raise CatalogError(
+            f"the clean catalog at {folder} has no completion record ({COMPLETION_RECORD}): "
+            "clean did not finish writing it; run `prodvec clean`"
+        )
+    record = json.loads(record_path.read_text())
+    found, sealed = _part_sizes(folder), record["files"]
+    if found != sealed:
+        missing = sorted(set(sealed) - set(found))
+        extra = sorted(set(found) - set(sealed))
+        resized = sorted(n for n in set(found) & set(sealed) if found[n] != sealed[n])
+        raise CatalogError(
+            f"the clean catalog at {folder} is not the one clean sealed "
+            f"({len(sealed)} part files, {record['rows']:,} rows): {len(missing)} missing, "
+            f"{len(extra)} extra, {len(resized)} of another size; run `prodvec clean`"
+        )
+    return dict(record)
+
+
 def read_clean(spark: SparkSession, config: Config, *, featured: bool = True) -> DataFrame:
     """The clean catalog, for later stages; fails clearly when clean has not run. With
     `image_features.enabled` (and `featured`), the image_features stage's copy of it (same
@@ -86,6 +136,7 @@ def read_clean(spark: SparkSession, config: Config, *, featured: bool = True) ->
     path = config.outputs.clean_catalog
     if not path.is_dir():
         raise CatalogError(f"no clean catalog at {path}: run `prodvec clean` first")
+    check_sealed(path)
     if featured and config.image_features.enabled:
         featured_path = config.outputs.featured_catalog
         stamp = featured_path / FEATURED_STAMP

@@ -39,7 +39,13 @@ from pipelines.core.errors import CatalogError
 from pipelines.core.outputs import StageResult, publish_folder
 from pipelines.data import catalog as catalog_module
 from pipelines.data import text
-from pipelines.data.catalog import CLEAN_SCHEMA, clean_files_stamp, content_hash, read_clean
+from pipelines.data.catalog import (
+    CLEAN_SCHEMA,
+    clean_files_stamp,
+    content_hash,
+    read_clean,
+    seal_clean,
+)
 from pipelines.data.synthetic import ensure_synthetic_catalog
 
 __all__ = [
@@ -629,6 +635,7 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         raise RuntimeError(f"clean stage lost rows: {rows} (bug: please report)")
     rows["normalised"] = normalised
     rows["carried"] = rows["in"] - rows["exact_duplicates"] - normalised
+    seal_clean(catalog, rows["clean"], config)
     publish_folder(catalog, outputs.clean_catalog)
     publish_folder(quarantine, outputs.quarantine)
     (hashes / _RULES_FILE).write_text(
