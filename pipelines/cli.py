@@ -1,6 +1,6 @@
 """`prodvec` command line: `prodvec run` for the whole pipeline, `prodvec <stage>` for one.
 
-    prodvec [--conf OVERLAY]... run|<stage>|config [key.sub=value ...]
+    prodvec [--conf OVERLAY]... run|<stage>|config|neighbors|annotate|vacuum [key.sub=value ...]
 
 Expected failures (bad config, bad catalog, bad input) print one clear
 line and exit 2; a failed executor-side batch prints the one line naming its stage and
@@ -75,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
             help="the products most similar to one, from the saved index of a table version",
         )
     )
+    _annotate_arguments(
+        commands.add_parser(
+            "annotate",
+            parents=[common],
+            help="the next products to label for one category (ProductNet's mixed strategy), "
+            "as CSV",
+        )
+    )
     vacuum = commands.add_parser(
         "vacuum",
         parents=[common],
@@ -122,6 +130,54 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["csv", "json", "parquet"],
         help="ad hoc: input format (default: by extension, else parquet)",
     )
+
+
+def _annotate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--category", required=True, help="the label being built")
+    parser.add_argument(
+        "--labels",
+        required=True,
+        help="CSV of labels so far: product_id,category,label[,source] (absent: none yet)",
+    )
+    parser.add_argument("-n", type=int, default=50, help="how many products (default 50)")
+    parser.add_argument(
+        "--strategy",
+        choices=["mixed", "knn", "keyword", "uncertainty", "random"],
+        default="mixed",
+        help="where suggestions come from (default mixed)",
+    )
+    parser.add_argument("--keywords", default="", help="comma-separated words of the category")
+    parser.add_argument(
+        "--version", type=int, default=None, help="embedding-table version (default: latest)"
+    )
+    parser.add_argument("--output", help="CSV file to write (default: standard output)")
+
+
+def _annotate(config: Config, args: argparse.Namespace) -> str:
+    import csv
+    import io
+
+    from pipelines.analysis.annotate import LABEL_COLUMNS, next_batch  # sklearn loads only here
+
+    confine(config, "--labels", args.labels)
+    rows = next_batch(
+        config,
+        args.category,
+        Path(args.labels),
+        args.n,
+        strategy=args.strategy,
+        keywords=[word.strip() for word in args.keywords.split(",") if word.strip()],
+        version=args.version,
+    )
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, [*LABEL_COLUMNS, "title"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    if args.output is None:
+        return buffer.getvalue().rstrip("\n")
+    confine(config, "--output", args.output)
+    Path(args.output).write_text(buffer.getvalue(), encoding="utf-8")
+    return f"annotate {args.category}: {len(rows)} products to label -> {args.output}"
 
 
 def _neighbors_arguments(parser: argparse.ArgumentParser) -> None:
@@ -224,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             print(config.to_yaml(), end="")
         elif args.command == "neighbors":
             print(_neighbors(config, args))
+        elif args.command == "annotate":
+            print(_annotate(config, args))
         elif args.command == "vacuum":
             print(_vacuum(config, args))
         elif args.command == "embed" and (args.input or args.output):

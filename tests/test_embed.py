@@ -8,6 +8,7 @@ The catalog is a real 400-row synthetic one through the clean stage; models are 
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -354,3 +355,38 @@ def test_a_model_folder_is_identified_by_its_content(tmp_path):
     shutil.rmtree(folder)
     save(TitleEncoder(_mrnet(vocabulary, 2), MAX_LEN), folder)
     assert pin(str(folder))[2] not in (first, "0")
+
+
+def test_annotate_round_trip(spark, base, tmp_path, capsys):
+    """`prodvec annotate`: suggestions from the keyword alone, labelled and appended to the
+    labels file, then a second batch of other products in which the nearest-neighbour and
+    classifier sources take part; a label that is not yes/no is one error line."""
+    config, _, uri = base
+    config = scratch(config, tmp_path, f"embed.model_uri={uri}")
+    run_stage("embed", config, spark)
+    keyword = catalog_rows(config)["title"][0].as_py().split()[0]
+    labels, batch = tmp_path / "labels.csv", tmp_path / "next.csv"
+    argv = ["annotate", "--category", "kw", "--labels", str(labels), "-n", "6",
+            "--keywords", keyword, "--output", str(batch),
+            f"workdir={tmp_path}", "catalog.synthetic.rows=400"]  # fmt: skip
+    assert cli.main(argv) == 0
+    first = list(csv.DictReader(batch.open()))
+    assert len(first) == 6 and {row["source"] for row in first} == {"keyword"}
+    assert all(keyword in row["title"].split() for row in first)
+    for number, row in enumerate(first):
+        row["label"] = "yes" if number % 3 else "no"
+    with labels.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(first[0]))
+        writer.writeheader()
+        writer.writerows(first)
+    assert cli.main(argv) == 0
+    second = list(csv.DictReader(batch.open()))
+    assert len(second) == 6
+    assert not {row["product_id"] for row in second} & {row["product_id"] for row in first}
+    assert {"knn", "uncertainty"} <= {row["source"] for row in second}
+    capsys.readouterr()
+    with labels.open("a", newline="") as handle:
+        handle.write(f"{second[0]['product_id']},kw,maybe,knn,x\n")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "label 'maybe' is not yes/no" in err, err

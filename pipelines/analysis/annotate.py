@@ -16,13 +16,21 @@ positives. Candidates come from:
 `Oracle` holds the true labels of a simulation and reveals them only when asked, counting
 every request, and `simulate` runs one annotation session: seed labels, then rounds of
 `batch` suggestions until `budget` labels are spent (bench/annotate.py runs it on Flipkart).
+
+`next_batch` is the annotator's round trip (`prodvec annotate`): the labels so far in a CSV
+(`product_id,category,label[,source]`), the embedding table and the clean catalog's titles in;
+the next products to label out, as rows to fill in and append to that CSV. The `source` column
+it writes comes back with the labels, so `mixed` learns each source's hit rate across rounds
+as `MixedSampler` does within one session.
 """
 
 from __future__ import annotations
 
+import csv
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -35,10 +43,12 @@ from sklearn.naive_bayes import GaussianNB
 from sklearn.neural_network import MLPClassifier
 
 from pipelines.analysis.retrieval import exact_neighbours
+from pipelines.core.config import Config
 from pipelines.core.errors import AnnotationError
 from pipelines.data.tokenizer import tokenize_arrow
 
 __all__ = [
+    "LABEL_COLUMNS",
     "SOURCES",
     "STRATEGIES",
     "Learner",
@@ -49,6 +59,8 @@ __all__ = [
     "keyword_hits",
     "knn_candidates",
     "make_learner",
+    "next_batch",
+    "read_labels",
     "shares_to_counts",
     "simulate",
     "suggest",
@@ -365,3 +377,109 @@ def simulate(
         labels.update(revealed)
         round_ += 1
     return found
+
+
+# ---- the annotator's round trip (`prodvec annotate`) ------------------------------------------
+
+LABEL_COLUMNS = ("product_id", "category", "label", "source")
+_TRUE, _FALSE = {"1", "true", "yes", "y"}, {"0", "false", "no", "n"}
+
+
+def read_labels(path: Path, category: str) -> list[tuple[str, bool, str]]:
+    """(product_id, label, source) of `category`'s labelled rows in the CSV at `path` (none
+    when it does not exist yet); rows of other categories and rows not labelled yet are
+    skipped, a label that is not yes/no is an error naming its line."""
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"product_id", "category", "label"} - set(reader.fieldnames or ())
+        if missing:
+            raise AnnotationError(f"{path}: no column {', '.join(sorted(missing))}")
+        labels = []
+        for line, row in enumerate(reader, start=2):
+            value = (row["label"] or "").strip().lower()
+            if row["category"] != category or not value:
+                continue
+            if value not in _TRUE | _FALSE:
+                raise AnnotationError(f"{path}, line {line}: label {row['label']!r} is not yes/no")
+            labels.append((row["product_id"], value in _TRUE, row.get("source") or ""))
+    return labels
+
+
+def _table_vectors(config: Config, version: int | None) -> tuple[list[str], np.ndarray]:
+    from pipelines.table import EmbeddingTable  # deltalake loads only here
+    from pipelines.table.index import iter_embeddings
+
+    snapshot = EmbeddingTable.from_config(config).snapshot(version)
+    ids: list[str] = []
+    parts = []
+    for product_ids, vectors in iter_embeddings(snapshot.files, config.index.batch_rows):
+        ids += product_ids.to_pylist()
+        parts.append(vectors)
+    if not ids:
+        raise AnnotationError(f"embedding table version {snapshot.version} has no rows")
+    return ids, np.concatenate(parts)
+
+
+def _titles(config: Config, ids: list[str]) -> list[str | None]:
+    import pyarrow.dataset as ds
+
+    from pipelines.data.catalog import check_sealed
+
+    folder = config.outputs.clean_catalog
+    check_sealed(folder)
+    found = ds.dataset(str(folder), format="parquet").to_table(columns=["product_id", "title"])
+    titles = dict(zip(found.column(0).to_pylist(), found.column(1).to_pylist(), strict=True))
+    return [titles.get(product_id) for product_id in ids]
+
+
+def next_batch(
+    config: Config,
+    category: str,
+    labels_path: Path,
+    n: int,
+    *,
+    strategy: Strategy = "mixed",
+    keywords: Iterable[str] = (),
+    version: int | None = None,
+) -> list[dict[str, str]]:
+    """The next `n` products to label for `category`, as CSV rows (`product_id`, `category`,
+    `label` empty, `source`, `title`), from the table version's embeddings and the labels so
+    far."""
+    ids, vectors = _table_vectors(config, version)
+    row_of = {product_id: row for row, product_id in enumerate(ids)}
+    labelled = read_labels(labels_path, category)
+    unknown = [product_id for product_id, _, _ in labelled if product_id not in row_of]
+    if unknown:
+        raise AnnotationError(
+            f"{labels_path}: {len(unknown)} labelled product(s) not in the embedding table, "
+            f"e.g. {unknown[0]!r}"
+        )
+    labels = {row_of[product_id]: label for product_id, label, _ in labelled}
+    titles = _titles(config, ids)
+    sampler = MixedSampler()
+    for _, label, source in labelled:
+        if source in SOURCES:
+            sampler.asked[source] += 1
+            sampler.positives[source] += int(label)
+    if strategy == "mixed":
+        rows = sampler.suggest(
+            vectors, titles, labels, n, keywords=keywords, seed=config.seed + len(labels)
+        )
+        sources = [sampler.proposed[row] for row in rows.tolist()]
+    else:
+        rows = suggest(
+            vectors, titles, labels, n, strategy, keywords=keywords, seed=config.seed + len(labels)
+        )
+        sources = [strategy] * len(rows)
+    return [
+        {
+            "product_id": ids[row],
+            "category": category,
+            "label": "",
+            "source": source,
+            "title": titles[row] or "",
+        }
+        for row, source in zip(rows.tolist(), sources, strict=True)
+    ]
