@@ -383,8 +383,9 @@ class TrainConfig(Strict):
 
 
 class EmbedConfig(Strict):
-    """The embedding table (pipelines/delta.py): where it lives, which writer commits it,
-    how big its files get, and how long vacuum keeps unreferenced files."""
+    """The embedding table (pipelines/table): where it lives, which writer commits it,
+    how big its files get, how long vacuum keeps unreferenced files, and how much one
+    refresh may change before it needs an explicit override."""
 
     table_path: str | None = None  # None: <workdir>/<catalog>/embed/table
     writer: Literal["deltalake", "delta-spark"] = "deltalake"  # delta-spark: needs its jar
@@ -399,6 +400,17 @@ class EmbedConfig(Strict):
     batch_size: int = Field(1024, ge=1)  # rows per forward pass on a CPU task
     gpu_batch_size: int = Field(8192, ge=1)  # rows per forward pass on a task's GPU
     app_id: str | None = None  # idempotency key of the commit; null: the MLflow run id
+    # The refresh guard: an embed that would remove more than this share of the table's
+    # products (absent from the catalog) stops before writing, naming the counts. A truncated
+    # clean output looks like mass deletion; a real catalog rarely loses 5% in one run. Set
+    # 1.0 for a run that must remove more (the one way to allow it; it is in the config hash).
+    max_removed_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    # An incremental embed that would keep (carry) less than this share of the table's rows,
+    # the rest removed or re-embedded, stops too: below half it costs about what a full
+    # refresh does, and a change that wide (every content_hash rewritten, ids re-keyed) is
+    # more often broken input than real. Set 0.0 to allow it. A full refresh (new model)
+    # re-embeds every row by design and is held to max_removed_fraction only.
+    min_carried_fraction: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class IndexConfig(Strict):

@@ -16,10 +16,13 @@ __all__ = [
     "EvaluateError",
     "ImageFeaturesError",
     "InjectedFault",
+    "MassChangeError",
     "ProdvecError",
     "ShardError",
+    "StaleCatalogError",
     "TableError",
     "TableRaceError",
+    "TableVerifyError",
     "TaskError",
     "TrainingError",
     "VectorIndexError",
@@ -65,6 +68,19 @@ class TableError(ProdvecError):
 
 class TableRaceError(TableError):
     """Another writer changed the table between our read and our commit: plan again."""
+
+
+class MassChangeError(TableError):
+    """A refresh would remove or replace more of the table than `embed.max_removed_fraction`
+    / `embed.min_carried_fraction` allow: likely a truncated catalog, so nothing is written."""
+
+
+class StaleCatalogError(TableError):
+    """The table's last commit was made from a newer clean catalog than this run read."""
+
+
+class TableVerifyError(TableError):
+    """A data file of a table version fails verification (checksums, schema, ids, counts)."""
 
 
 class VectorIndexError(ProdvecError):

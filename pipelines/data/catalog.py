@@ -41,6 +41,7 @@ __all__ = [
     "check_sealed",
     "check_sources",
     "clean_files_stamp",
+    "clean_written_at",
     "content_hash",
     "mapped",
     "mapped_tasks",
@@ -126,6 +127,14 @@ def check_sealed(folder: Path) -> dict[str, object]:
             f"{len(extra)} extra, {len(resized)} of another size; run `prodvec clean`"
         )
     return dict(record)
+
+
+def clean_written_at(folder: Path) -> int:
+    """When the sealed clean catalog in `folder` was written (its completion record's
+    `written_at`, epoch ms): the monotonic stamp embed records in its commit, so an embed of
+    an older catalog never overwrites what a newer one committed."""
+    written_at = str(check_sealed(folder)["written_at"])
+    return int(datetime.fromisoformat(written_at).timestamp() * 1000)
 
 
 def read_clean(spark: SparkSession, config: Config, *, featured: bool = True) -> DataFrame:
