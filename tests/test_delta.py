@@ -17,8 +17,9 @@ from pyspark.sql import functions as F
 
 from pipelines.cli import main
 from pipelines.core.config import load_config
-from pipelines.core.errors import ConfigError, TableError
+from pipelines.core.errors import ConfigError, MassChangeError, StaleCatalogError, TableError
 from pipelines.table import TABLE_SCHEMA, EmbeddingTable, vacuum
+from pipelines.table.refresh import ChangeLimits, RefreshSource
 
 DIM = 8
 MODEL = {
@@ -367,6 +368,109 @@ def test_concurrent_commits_do_not_lose_rows(spark, tmp_path):
     assert {tags[f"p{i:05d}"] for i in [*range(50), *range(1000, 1100)]} == {"x"}
     assert {tags[f"p{i:05d}"] for i in [*range(50, 100), *range(1100, 1200)]} == {"y"}
     assert {tags[f"p{i:05d}"] for i in range(100, 1000)} == {"a"}
+
+
+def test_refresh_guard_stops_mass_removal_before_writing_and_the_limits_allow_it(spark, tmp_path):
+    path = tmp_path / "table"
+    table = EmbeddingTable(path, rows_per_file=400)
+    commit(table, embed(spark, catalog_rows(range(1000)), seed=1), "run-0")
+    on_disk = parquet_on_disk(path)
+    truncated = spark.createDataFrame(
+        catalog_rows(range(100)), "product_id string, content_hash string"
+    )
+    model = {"model_name": "prodvec-test", "model_version": "1"}
+
+    with pytest.raises(MassChangeError) as refused:
+        table.plan_refresh(spark, truncated, **model, limits=ChangeLimits(0.05, 0.5))
+    message = str(refused.value)
+    assert "remove 900 and carry 100 of the table's 1000 products" in message
+    assert "embed.max_removed_fraction=0.05" in message
+    assert "embed.min_carried_fraction=0.5" in message
+    assert parquet_on_disk(path) == on_disk and table.version() == 0
+
+    with pytest.raises(MassChangeError, match="min_carried_fraction=0.5 .set 0"):
+        table.plan_refresh(spark, truncated, **model, limits=ChangeLimits(1.0, 0.5))
+    allowed = table.plan_refresh(spark, truncated, **model, limits=ChangeLimits(1.0, 0.0))
+    assert allowed.mode == "incremental" and allowed.deleted.count() == 900
+
+    # A new model re-embeds every row by design: only its removals are limited.
+    new_model = {"model_name": "prodvec-test", "model_version": "2"}
+    whole = spark.createDataFrame(
+        catalog_rows(range(1000), "b"), "product_id string, content_hash string"
+    )
+    assert (
+        table.plan_refresh(spark, whole, **new_model, limits=ChangeLimits(0.05, 0.5)).mode == "full"
+    )
+    with pytest.raises(MassChangeError, match="full refresh would remove 900"):
+        table.plan_refresh(spark, truncated, **new_model, limits=ChangeLimits(0.05, 0.5))
+
+
+def test_a_catalog_older_than_the_last_commit_is_refused(spark, tmp_path):
+    path = tmp_path / "table"
+    table = EmbeddingTable(path)
+    rows = catalog_rows(range(100))
+    commit(table, embed(spark, rows, seed=1), "newer", catalog_stamp=2_000)
+    assert table.commit_info()["catalog_written_at"] == 2_000
+    catalog = spark.createDataFrame(rows, "product_id string, content_hash string")
+    model = {"model_name": "prodvec-test", "model_version": "1"}
+    with pytest.raises(StaleCatalogError, match="newer than this run's .1000."):
+        table.plan_refresh(spark, catalog, **model, catalog_stamp=1_000)
+    with pytest.raises(StaleCatalogError):
+        commit(table, embed(spark, rows, seed=2), "older", catalog_stamp=1_000)
+    assert table.version() == 0 and parquet_on_disk(path) == snapshot_paths(table)
+    assert commit(table, embed(spark, rows, seed=3), "same", catalog_stamp=2_000).version == 1
+
+
+def _constant_model(rows):
+    """Embeddings of catalog rows, as the embed stage's model hands them over."""
+    return rows.select(
+        "product_id",
+        "content_hash",
+        F.array_repeat(F.lit(0.5).cast("float"), DIM).alias("embedding"),
+    )
+
+
+def _refresh(spark, table: EmbeddingTable, rows, app_id: str, stamp: int, limits=None):
+    """Plan an embed run of `rows` (the catalog) and return a commit of it to call later."""
+    catalog = spark.createDataFrame(rows, "product_id string, content_hash string")
+    plan = table.plan_refresh(
+        spark, catalog, model_name="prodvec-test", model_version="1", catalog_stamp=stamp
+    )
+    source = RefreshSource(plan, catalog, _constant_model, limits)
+    return lambda: commit(
+        table,
+        _constant_model(plan.to_embed),
+        app_id,
+        mode=plan.mode,
+        deleted=plan.deleted,
+        source=source,
+        catalog_stamp=stamp,
+    )
+
+
+def test_a_commit_that_lost_the_race_plans_again_and_resurrects_nothing(spark, tmp_path):
+    path = tmp_path / "table"
+    table = EmbeddingTable(path, rows_per_file=300)
+    commit(table, embed(spark, catalog_rows(range(1000)), seed=1), "base", catalog_stamp=1)
+    # The older catalog drops 0-99 and adds 1000-1099; the newer one, planned against the
+    # same version but committed second, keeps 0-99, changes 100-199, drops 900-999.
+    older = catalog_rows(range(100, 1100))
+    newer = (
+        catalog_rows(range(100))
+        + catalog_rows(range(100, 200), "n")
+        + catalog_rows(range(200, 900))
+    )
+    commit_newer = _refresh(spark, table, newer, "newer", stamp=3)
+    commit_older = _refresh(spark, table, older, "older", stamp=2)
+    assert commit_older().version == 1
+    result = commit_newer()
+
+    assert (result.version, result.mode, result.rows) == (2, "incremental", 900)
+    after = read(path)
+    assert {pid: row["content_hash"] for pid, row in after.items()} == dict(newer)
+    assert table.commit_info()["catalog_written_at"] == 3
+    # 0-99 came back from the older catalog's deletion: re-embedded at the new version.
+    assert result.embedded_rows == 200 and result.removed_rows == 100 + 200  # replaced, deleted
 
 
 def test_delta_spark_writer_without_its_jar_fails_naming_the_package(spark, tmp_path):

@@ -10,8 +10,10 @@ the CLI prints it instead of the traceback wall.
 Fault injection is off by default and meant for tests and failure drills only:
 `PRODVEC_INJECT_FAULT="<stage>:<mode>[,<stage>:<mode>]"`, mode `fail` (the first attempt of
 partition 0 raises `InjectedFault`, so Spark must retry the task: it needs
-spark.task.maxFailures > 1, e.g. master `local[2,2]`) or `hang-commit` (the driver stops once
-every data file is written and before the commit, so a test can kill the job at that point).
+spark.task.maxFailures > 1, e.g. master `local[2,2]`), `hang-commit` (the driver stops once
+every data file is written and before the commit, so a test can kill the job at that point)
+or `pause-commit` (the driver waits at that point until the file named by
+`PRODVEC_FAULT_RELEASE` exists, so a test can commit another run in between: a race on cue).
 The driver reads the variable when the stage plans its job; unset, `inject` returns the frame
 untouched and `commit_hook` returns None.
 """
@@ -33,6 +35,7 @@ from pipelines.core.workers import settle
 
 __all__ = [
     "FAULT_VARIABLE",
+    "RELEASE_VARIABLE",
     "commit_hook",
     "inject",
     "injected_mode",
@@ -41,7 +44,8 @@ __all__ = [
 ]
 
 FAULT_VARIABLE = "PRODVEC_INJECT_FAULT"
-_MODES = ("fail", "hang-commit")
+RELEASE_VARIABLE = "PRODVEC_FAULT_RELEASE"
+_MODES = ("fail", "hang-commit", "pause-commit")
 _TASK_ERROR_LINE = re.compile(r"pipelines\.core\.errors\.TaskError: (.+)")
 
 
@@ -117,17 +121,24 @@ def inject(frame: DataFrame, stage: str) -> DataFrame:
 
 
 def commit_hook(stage: str) -> Callable[[list[str]], None] | None:
-    """None, or, when PRODVEC_INJECT_FAULT asks `stage` to hang-commit, a hook that stops the
-    driver between writing the files and committing them (until the process is killed)."""
-    if injected_mode(stage) != "hang-commit":
+    """None, or, when PRODVEC_INJECT_FAULT asks `stage` to hang-commit or pause-commit, a hook
+    that stops the driver between writing the files and committing them: until the process is
+    killed, or until the PRODVEC_FAULT_RELEASE file exists."""
+    mode = injected_mode(stage)
+    if mode not in ("hang-commit", "pause-commit"):
         return None
+    release = os.environ.get(RELEASE_VARIABLE, "") if mode == "pause-commit" else ""
+    if mode == "pause-commit" and not release:
+        raise ProdvecError(f"{FAULT_VARIABLE} {stage}:pause-commit needs {RELEASE_VARIABLE}")
 
     def stall(files: list[str]) -> None:
         print(
-            f"prodvec: injected hang-commit in stage {stage}: {len(files)} files written",
+            f"prodvec: injected {mode} in stage {stage}: {len(files)} files written",
             file=sys.stderr,
             flush=True,
         )
-        time.sleep(3600)
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline and not (release and os.path.exists(release)):
+            time.sleep(0.2)
 
     return stall

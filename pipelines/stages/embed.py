@@ -16,7 +16,11 @@ How it runs:
    CPU, or in `embed.gpu_batch_size` chunks on the GPU Spark assigned to the task. The
    embeddings go back as one list<float32> column built from the flat output buffer.
 4. `EmbeddingTable.plan_refresh` decides what to embed: with the model the table already
-   holds, new and changed products only; after a new model, everything. One commit.
+   holds, new and changed products only; after a new model, everything. One commit. Before
+   anything is embedded it refuses a refresh that would remove or replace more of the table
+   than `embed.max_removed_fraction` / `embed.min_carried_fraction` allow, and a clean catalog
+   older than the one the table was last committed from (its write time is recorded in every
+   commit). A commit that finds the table moved on plans again there.
 
 `embed_file` is the ad-hoc path (`prodvec embed --model --input --output`): any CSV, JSON
 lines or Parquet of products, cleaned by the clean stage's transform, one output row per
@@ -44,7 +48,7 @@ from pipelines.core.config import CatalogConfig, ColumnMap, Config
 from pipelines.core.devices import task_inference
 from pipelines.core.errors import EmbedError
 from pipelines.core.outputs import StageResult
-from pipelines.data.catalog import read_clean
+from pipelines.data.catalog import clean_written_at, read_clean
 from pipelines.model_types.registry import model_type
 from pipelines.model_types.serving import (
     SHIPPED,
@@ -57,6 +61,7 @@ from pipelines.model_types.serving import (
 )
 from pipelines.stages import clean
 from pipelines.table import EmbeddingTable
+from pipelines.table.refresh import ChangeLimits, RefreshSource
 
 __all__ = ["EMBEDDING", "embed_file", "embed_frame", "infer_format", "run", "ship"]
 
@@ -161,7 +166,16 @@ def run(spark: SparkSession, config: Config) -> StageResult:
             )
         catalog = catalog.filter(embeddable)
     table = EmbeddingTable.from_config(config)
-    plan = table.plan_refresh(spark, catalog, model_name=spec.name, model_version=spec.version)
+    limits = ChangeLimits(settings.max_removed_fraction, settings.min_carried_fraction)
+    catalog_stamp = clean_written_at(config.outputs.clean_catalog)
+    plan = table.plan_refresh(
+        spark,
+        catalog,
+        model_name=spec.name,
+        model_version=spec.version,
+        limits=limits,
+        catalog_stamp=catalog_stamp,
+    )
     log.info("embed: %s refresh (%s)", plan.mode, plan.reason)
     embedded, loads = embed_frame(plan.to_embed, spec)
     embedded = faults.inject(embedded, "embed")
@@ -179,6 +193,10 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         dimension=spec.dimension,
         deleted=plan.deleted,
         before_commit=faults.commit_hook("embed"),
+        source=RefreshSource(
+            plan, catalog, lambda rows: faults.inject(embed_frame(rows, spec)[0], "embed"), limits
+        ),
+        catalog_stamp=catalog_stamp,
     )
     rows.update(
         {
@@ -189,14 +207,14 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         }
     )
     if mlflow.active_run():
-        mlflow.set_tags({"prodvec.embed.mode": plan.mode, "prodvec.embed.model": spec.uri})
+        mlflow.set_tags({"prodvec.embed.mode": result.mode, "prodvec.embed.model": spec.uri})
     return StageResult(
         rows=rows,
         outputs={
             "table": table.uri,
             "version": str(result.version),
             "model_uri": spec.uri,
-            "mode": plan.mode,
+            "mode": result.mode,
         },
         metrics={
             "model_loads": float(loads.value),

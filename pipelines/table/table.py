@@ -11,6 +11,11 @@ Nothing is visible before that commit; a job that dies leaves unreferenced files
 Idempotency: each commit records a Delta app transaction (`app_id`). A run whose app_id the
 table already holds writes nothing and commits nothing.
 
+Races: a commit given its `RefreshSource` that finds the table moved past the version it
+planned against plans again there (re-embeds only catalog rows neither the new version nor its
+own files hold, recomputes deletions) before it commits; one whose clean catalog is older than
+the table's last commit's refuses (`refresh.check_catalog_stamp`).
+
 Layout: no partition columns. Rows are hash-distributed on product_id by one shuffle (AQE
 sizes the write partitions, `rows_per_file` caps each file). Partitions would put a column in
 every reader's schema and only prune for readers that compute the writer's hash; copy-on-write
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deltalake import DeltaTable
 from pyspark.sql import DataFrame, Observation, SparkSession
 
 from pipelines.core.config import Config
@@ -41,9 +47,21 @@ from pipelines.table.contract import (
     conform,
     row_metrics,
 )
-from pipelines.table.refresh import Mode, RefreshPlan
+from pipelines.table.refresh import (
+    CATALOG_STAMP,
+    ChangeLimits,
+    Mode,
+    RefreshPlan,
+    RefreshSource,
+)
 from pipelines.table.storage import TableFiles, table_uri
-from pipelines.table.writers import WRITERS, CommitResult, require_delta_spark, skipped
+from pipelines.table.writers import (
+    WRITERS,
+    CommitResult,
+    Replan,
+    require_delta_spark,
+    skipped,
+)
 
 __all__ = ["EmbeddingTable", "Snapshot"]
 
@@ -113,10 +131,6 @@ class EmbeddingTable:
             return spark.createDataFrame([], SPARK_SCHEMA)
         return spark.read.schema(SPARK_SCHEMA).parquet(*files)
 
-    def current_hashes(self, spark: SparkSession) -> DataFrame:
-        """(product_id, content_hash, model_name, model_version) of the latest version."""
-        return self.read_spark(spark).select(*HASHES_SCHEMA.names)
-
     def commit_info(self, version: int | None = None) -> dict[str, Any]:
         """The prodvec metadata (model, run, config hash, counts) a commit recorded."""
         table = self.files.open()
@@ -131,13 +145,28 @@ class EmbeddingTable:
     # ---- planning ------------------------------------------------------------------------
 
     def plan_refresh(
-        self, spark: SparkSession, catalog: DataFrame, *, model_name: str, model_version: str
+        self,
+        spark: SparkSession,
+        catalog: DataFrame,
+        *,
+        model_name: str,
+        model_version: str,
+        limits: ChangeLimits | None = None,
+        catalog_stamp: int | None = None,
     ) -> RefreshPlan:
         """What an embed run of this model over `catalog` must embed and remove
-        (`pipelines.table.refresh.plan`)."""
+        (`pipelines.table.refresh.plan`); refuses, before anything is embedded, a change beyond
+        `limits` and a catalog older than the one the table was last committed from."""
         table = self.files.open()
-        current = self.current_hashes(spark) if table is not None else None
-        return refresh.plan(spark, self.files, table, current, catalog, (model_name, model_version))
+        refresh.check_catalog_stamp(self.files, table, catalog_stamp)
+        current = self._hashes_at(spark, table)
+        model = (model_name, model_version)
+        return refresh.plan(spark, self.files, table, current, catalog, model, limits)
+
+    def _hashes_at(self, spark: SparkSession, table: DeltaTable | None) -> DataFrame | None:
+        if table is None:
+            return None
+        return self.read_spark(spark, table.version()).select(*HASHES_SCHEMA.names)
 
     # ---- committing ----------------------------------------------------------------------
 
@@ -155,6 +184,8 @@ class EmbeddingTable:
         dimension: int,
         deleted: DataFrame | None = None,
         before_commit: Callable[[list[str]], None] | None = None,
+        source: RefreshSource | None = None,
+        catalog_stamp: int | None = None,
     ) -> CommitResult:
         """Commit embeddings as ONE new version.
 
@@ -165,11 +196,16 @@ class EmbeddingTable:
         `mode="incremental"`: rows of `data` replace rows with the same product_id, ids in
         `deleted` leave, everything else is carried. `before_commit` sees the files about to
         be committed after every check (tests raise there to simulate a crash).
+        `source` (a DataFrame `data` only): how `data` was planned, so a commit that finds the
+        table moved plans again there. `catalog_stamp`: the clean catalog's write time, recorded
+        in the commit; an older one than the table's last commit recorded is refused.
         """
         if mode not in ("full", "incremental"):
             raise TableError(f"mode must be 'full' or 'incremental', got {mode!r}")
         if mode == "full" and deleted is not None:
             raise TableError("a full refresh replaces every row: 'deleted' is for incremental")
+        if source is not None and not isinstance(data, DataFrame):
+            raise TableError("a refresh source re-plans embeddings: give them as a DataFrame")
         spark = data.sparkSession if isinstance(data, DataFrame) else SparkSession.active()
         if self.writer == "delta-spark":
             require_delta_spark(spark)
@@ -179,6 +215,7 @@ class EmbeddingTable:
                 "embedding table %s: app %s already committed, nothing to do", self.uri, app_id
             )
             return skipped(self.files, table, mode)
+        refresh.check_catalog_stamp(self.files, table, catalog_stamp)
         model = (model_name, model_version)
         if mode == "incremental" and table is not None:
             refresh.check_one_model(spark, self.files, table, model)
@@ -201,10 +238,68 @@ class EmbeddingTable:
             "dimension": dimension,
             "writer": self.writer,
         }
+        if catalog_stamp is not None:
+            meta[CATALOG_STAMP] = catalog_stamp
+        replan = (
+            None
+            if source is None or staging is None
+            else self._replanner(spark, source, staging, dimension, model)
+        )
         writer = WRITERS[self.writer](self.files, self.max_attempts)
         return writer.commit(
-            spark, embedded, deleted, mode, meta, staging, dimension, before_commit
+            spark, embedded, deleted, mode, meta, staging, dimension, before_commit, replan
         )
+
+    def _replanner(
+        self,
+        spark: SparkSession,
+        source: RefreshSource,
+        staging: str,
+        dimension: int,
+        model: tuple[str, str],
+    ) -> Replan:
+        """A writer calls this before every commit attempt with the table as it is then. At
+        the version planned against it changes nothing; past it, the refresh is planned again
+        there: catalog rows neither that version nor our staged files hold are embedded now,
+        deletions recomputed. Files already staged stay (their rows are the catalog's). A full
+        refresh's files are already the whole catalog: it needs no new plan."""
+        version = source.plan.version
+        mode, deleted = source.plan.mode, source.plan.deleted
+
+        def replan(
+            table: DeltaTable | None, embedded: list[DataFile], attempt: int
+        ) -> tuple[Mode, list[DataFile], DataFrame | None]:
+            nonlocal version, mode, deleted
+            now = None if table is None else table.version()
+            if now == version or mode == "full":
+                return mode, embedded, deleted
+            log.info("embedding table %s: planning again at version %s", self.uri, now)
+            fresh = refresh.plan(
+                spark,
+                self.files,
+                table,
+                self._hashes_at(spark, table),
+                source.catalog,
+                model,
+                source.limits,
+            )
+            missing = fresh.to_embed
+            if embedded:
+                staged = spark.read.schema(HASHES_SCHEMA).parquet(
+                    *(self.files.absolute(f.path) for f in embedded)
+                )
+                missing = missing.join(
+                    staged.select("product_id", "content_hash"),
+                    ["product_id", "content_hash"],
+                    "left_anti",
+                )
+            added = self._stage(
+                source.embed(missing), f"{staging}/embedded-{attempt}", dimension, model
+            )
+            version, mode, deleted = now, fresh.mode, fresh.deleted
+            return mode, embedded + added, deleted
+
+        return replan
 
     def _stage(
         self, frame: DataFrame, folder: str, dimension: int, model: tuple[str, str]

@@ -5,7 +5,8 @@
   with an app transaction (`app_id`) for idempotency. Commits use no automatic rebase
   (max_commit_retries=0): a version committed by someone else between our read and our commit
   fails ours, and we plan again on the new version, so a full refresh never keeps files
-  appended concurrently and two copy-on-writes never both copy a row.
+  appended concurrently and two copy-on-writes never both copy a row. An embed run's commit
+  also re-plans what to embed and delete there (`Replan`) and re-checks the catalog stamp.
 - `delta-spark`: Spark's own Delta writer (needs the delta-spark jar on the classpath), with
   Delta's txnAppId/txnVersion options for idempotency.
 """
@@ -33,7 +34,14 @@ from pyspark.sql import functions as F
 
 from pipelines.core.errors import TableError, TableRaceError
 from pipelines.table.contract import COLUMNS, SPARK_SCHEMA, TABLE_SCHEMA, DataFile
-from pipelines.table.refresh import Mode, check_one_model, copy_on_write, removal_keys
+from pipelines.table.refresh import (
+    CATALOG_STAMP,
+    Mode,
+    check_catalog_stamp,
+    check_one_model,
+    copy_on_write,
+    removal_keys,
+)
 from pipelines.table.storage import TableFiles
 
 __all__ = [
@@ -41,12 +49,19 @@ __all__ = [
     "CommitResult",
     "DeltaRsWriter",
     "DeltaSparkWriter",
+    "Replan",
     "TableWriter",
     "require_delta_spark",
     "skipped",
 ]
 
 log = logging.getLogger(__name__)
+
+# (table now, files staged so far, attempt) -> (mode, files to commit, ids to delete): the
+# refresh planned again against the table as it is now (`EmbeddingTable._replanner`).
+Replan = Callable[
+    [DeltaTable | None, list[DataFile], int], tuple[Mode, list[DataFile], DataFrame | None]
+]
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,7 @@ class TableWriter(Protocol):
         staging: str | None,
         dimension: int,
         before_commit: Callable[[list[str]], None] | None,
+        replan: Replan | None,
     ) -> CommitResult: ...
 
 
@@ -117,6 +133,7 @@ class DeltaRsWriter:
         staging: str | None,
         dimension: int,
         before_commit: Callable[[list[str]], None] | None,
+        replan: Replan | None,
     ) -> CommitResult:
         """Plan against the latest version and commit; when another commit lands first,
         drop what this attempt copied and plan again on the new version."""
@@ -130,10 +147,13 @@ class DeltaRsWriter:
                 return skipped(self.files, table, mode, attempt)
             current = self.files.of_version(table) if table is not None else []
             rewritten: list[DataFile] = []
-            if mode == "full":
-                removed = current
-            else:
-                try:  # a refusal here comes before any commit: our files can go
+            try:  # a refusal here comes before any commit: our files can go
+                check_catalog_stamp(self.files, table, meta.get(CATALOG_STAMP))
+                if replan is not None:
+                    mode, embedded, deleted = replan(table, embedded, attempt)
+                if mode == "full":
+                    removed = current
+                else:
                     if table is not None:
                         check_one_model(
                             spark, self.files, table, (meta["model_name"], meta["model_version"])
@@ -147,9 +167,9 @@ class DeltaRsWriter:
                         f"{staging}/carried-{attempt}",
                         dimension,
                     )
-                except TableError:
-                    self.files.delete_folder(staging)
-                    raise
+            except TableError:
+                self.files.delete_folder(staging)
+                raise
             added = embedded + rewritten
             removed_paths = {f.path for f in removed}
             carried = sum(f.rows for f in current if f.path not in removed_paths)
@@ -161,7 +181,9 @@ class DeltaRsWriter:
                 "carried_rows": carried,
             }
             properties = CommitProperties(
-                custom_metadata={"userMetadata": json.dumps({**meta, **counts}, sort_keys=True)},
+                custom_metadata={
+                    "userMetadata": json.dumps({**meta, **counts, "mode": mode}, sort_keys=True)
+                },
                 app_transactions=[Transaction(app_id, 0)],
                 max_commit_retries=0,
             )
@@ -253,16 +275,22 @@ class DeltaSparkWriter:
         staging: str | None,
         dimension: int,
         before_commit: Callable[[list[str]], None] | None,
+        replan: Replan | None,
     ) -> CommitResult:
         """delta-spark writes the checked rows itself, in one transaction with Delta's own
         idempotency options. An incremental refresh rewrites the whole table here: O(table);
-        `before_commit` is not called (Spark writes and commits in one step)."""
+        `before_commit` is not called (Spark writes and commits in one step), and the plan is
+        renewed once, against the version read just before."""
         require_delta_spark(spark)
         if not self.files.exists():
             DeltaTable.create(
                 self.files.uri, TABLE_SCHEMA, description="prodvec product embeddings"
             )
-        before = self.files.of_version(DeltaTable(self.files.uri))
+        table = DeltaTable(self.files.uri)
+        check_catalog_stamp(self.files, table, meta.get(CATALOG_STAMP))
+        if replan is not None:
+            mode, embedded, deleted = replan(table, embedded, 1)
+        before = self.files.of_version(table)
         rows = (
             spark.read.schema(SPARK_SCHEMA).parquet(
                 *(self.files.absolute(f.path) for f in embedded)
@@ -285,7 +313,7 @@ class DeltaSparkWriter:
             .mode("overwrite")
             .option("txnAppId", meta["app_id"])
             .option("txnVersion", 0)
-            .option("userMetadata", json.dumps(meta, sort_keys=True))
+            .option("userMetadata", json.dumps({**meta, "mode": mode}, sort_keys=True))
             .option("maxRecordsPerFile", self.files.rows_per_file)
             .save(self.files.uri)
         )
