@@ -1,6 +1,7 @@
 """Embed stage: Spark embeddings equal the model's own in-process output, the model loads
 once per Python worker, refreshes embed only what changed (everything after a new model),
-the ad-hoc command writes one row per input row, and the per-group model runs too.
+the ad-hoc command writes one row per input row, the per-group model runs too, and two embed
+processes racing with different catalogs end with the newer catalog's content.
 
 The catalog is a real 400-row synthetic one through the clean stage; models are untrained
 8-d MRNets registered with pipelines.training.publish.log_and_register (embedding does not care about training).
@@ -9,7 +10,13 @@ The catalog is a real 400-row synthetic one through the clean stage; models are 
 from __future__ import annotations
 
 import csv
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -28,6 +35,7 @@ from pipelines import cli
 from pipelines.core import tracking
 from pipelines.core.config import Config, load_config
 from pipelines.core.errors import CatalogError
+from pipelines.core.faults import FAULT_VARIABLE, RELEASE_VARIABLE
 from pipelines.data.catalog import COMPLETION_RECORD, read_clean, seal_clean
 from pipelines.data.tokenizer import PAD_ID, Vocabulary, tokenize
 from pipelines.model_types.serving import cached_model, pin, prepare_model
@@ -37,6 +45,7 @@ from pipelines.stages.registry import run_stage
 from pipelines.table import EmbeddingTable
 from pipelines.training.publish import log_and_register
 
+REPO = Path(__file__).resolve().parent.parent
 MAX_LEN = 12
 NAME = "prodvec-mrnet-synthetic"
 
@@ -390,3 +399,102 @@ def test_annotate_round_trip(spark, base, tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "label 'maybe' is not yes/no" in err, err
+
+
+def _write_catalog(config: Config, catalog: pa.Table, written_at_s: int) -> None:
+    """Replace a workdir's clean catalog, sealed as clean seals it and dated `written_at_s`
+    (its stamp, set, not slept on)."""
+    path = config.outputs.clean_catalog
+    shutil.rmtree(path)
+    path.mkdir()
+    pq.write_table(catalog, path / "part-0.parquet")
+    seal_clean(path, catalog.num_rows, config)
+    record = json.loads((path / COMPLETION_RECORD).read_text())
+    record["written_at"] = datetime.fromtimestamp(written_at_s, UTC).isoformat()
+    (path / COMPLETION_RECORD).write_text(json.dumps(record))
+
+
+def _embed_process(config: Config, table: Path, uri: str, log: Path, **env: str):
+    """`prodvec embed` in a process of its own, on one core, writing to the shared table."""
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "embed",
+        f"workdir={config.workdir}",
+        "catalog.synthetic.rows=400",
+        f"tracking.uri={config.tracking.uri}",
+        f"tracking.artifact_location={config.tracking.artifact_location}",
+        f"embed.model_uri={uri}",
+        f"embed.table_path={table}",
+        "spark.master=local[1]",
+        "spark.shuffle_partitions=2",
+    ]
+    with log.open("w") as out:
+        return subprocess.Popen(
+            command, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def test_racing_embed_processes_end_with_the_newer_catalog(spark, base, tmp_path):
+    """The newer catalog's run plans against version 0 and is held before its commit while
+    the older catalog's run commits version 1 (deleting products 0-9, which the newer keeps);
+    released, the newer run must plan again: final rows are exactly its catalog."""
+    base_config, _, uri = base
+    table_path = tmp_path / "table"
+    original = catalog_rows(base_config)
+    ids = original["product_id"].to_pylist()
+    first = scratch(
+        base_config, tmp_path / "first", f"embed.table_path={table_path}", f"embed.model_uri={uri}"
+    )
+    _write_catalog(first, original, 1_700_000_000)
+    assert run_stage("embed", first, spark).rows["table"] == len(ids)
+
+    older = scratch(base_config, tmp_path / "older")
+    _write_catalog(
+        older,
+        original.filter(pc.invert(pc.is_in(original["product_id"], pa.array(ids[:10])))),
+        1_700_000_100,
+    )
+    changed = pc.is_in(original["product_id"], pa.array(ids[20:25]))
+    newer_catalog = original.set_column(
+        original.schema.get_field_index("content_hash"),
+        "content_hash",
+        pc.if_else(
+            changed,
+            pc.binary_join_element_wise(original["content_hash"], pa.scalar("n"), ""),
+            original["content_hash"],
+        ),
+    ).filter(pc.invert(pc.is_in(original["product_id"], pa.array(ids[10:20]))))
+    newer = scratch(base_config, tmp_path / "newer")
+    _write_catalog(newer, newer_catalog, 1_700_000_200)
+
+    release = tmp_path / "release"
+    held_log, older_log = tmp_path / "newer.log", tmp_path / "older.log"
+    held = _embed_process(
+        newer,
+        table_path,
+        uri,
+        held_log,
+        **{FAULT_VARIABLE: "embed:pause-commit", RELEASE_VARIABLE: str(release)},
+    )
+    try:
+        while "injected pause-commit" not in held_log.read_text():
+            assert held.poll() is None, held_log.read_text()[-3000:]
+            time.sleep(0.5)
+        racer = _embed_process(older, table_path, uri, older_log)
+        assert racer.wait(timeout=900) == 0, older_log.read_text()[-3000:]
+        release.touch()
+        assert held.wait(timeout=900) == 0, held_log.read_text()[-3000:]
+    finally:
+        held.kill()
+
+    table = EmbeddingTable(table_path)
+    assert table.version() == 2
+    final = table_rows(first)
+    assert final.num_rows == newer_catalog.num_rows
+    assert dict(zip(final["product_id"].to_pylist(), final["content_hash"].to_pylist())) == dict(
+        zip(newer_catalog["product_id"].to_pylist(), newer_catalog["content_hash"].to_pylist())
+    )
+    assert not set(ids[10:20]) & set(final["product_id"].to_pylist())  # none resurrected
+    assert table.commit_info()["catalog_written_at"] == 1_700_000_200_000
