@@ -4,7 +4,9 @@
 
 Expected failures (bad config, bad catalog, bad input) print one clear
 line and exit 2; a failed executor-side batch prints the one line naming its stage and
-row batch (pipelines/faults.py) and exits 1; anything else is a bug and keeps its traceback.
+row batch (pipelines/faults.py) and exits 1, as does `prodvec verify` finding a table file
+that does not match its checksums or its commit; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pipelines.core.config import Config, confine, load_config
-from pipelines.core.errors import ConfigError, ProdvecError
+from pipelines.core.errors import ConfigError, ProdvecError, TableVerifyError
 from pipelines.core.faults import task_error
 from pipelines.core.secrets import RedactingFilter, redact_text
 from pipelines.stages.registry import STAGES, run_pipeline, run_stage, summary
@@ -101,6 +103,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a retention below embed.vacuum_min_retention_hours (files a running embed "
         "has written but not yet committed may be deleted)",
+    )
+    verify = commands.add_parser(
+        "verify",
+        parents=[common],
+        help="check a table version's files: page checksums, schema, dimension, ids, row counts",
+    )
+    verify.add_argument("--table", help="table path (default: embed.table_path)")
+    verify.add_argument(
+        "--version", type=int, default=None, help="table version (default: the latest)"
     )
     return parser
 
@@ -250,6 +261,18 @@ def _vacuum(config: Config, args: argparse.Namespace) -> str:
     return "\n".join([f"vacuum {path}: {verb} {len(removed)} file(s)", *removed])
 
 
+def _verify(config: Config, args: argparse.Namespace) -> str:
+    from pipelines.table.verify import verify  # deltalake loads only for this command
+
+    path = args.table or config.outputs.table
+    confine(config, "--table", path)
+    checked = verify(path, args.version)
+    return (
+        f"verify {path} version {checked.version}: {checked.files} file(s), {checked.rows} rows, "
+        f"dimension {checked.dimension}: ok"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -284,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             print(_annotate(config, args))
         elif args.command == "vacuum":
             print(_vacuum(config, args))
+        elif args.command == "verify":
+            print(_verify(config, args))
         elif args.command == "embed" and (args.input or args.output):
             print(_embed(config, args))
         elif args.command == "run":
@@ -291,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = run_stage(args.command, config)
             print(f"{args.command}: {result.rows} -> {result.outputs}")
+    except TableVerifyError as err:  # the table is damaged: not a usage error
+        print(f"prodvec: error: {redact_text(str(err), secrets)}", file=sys.stderr)
+        return 1
     except ProdvecError as err:
         print(f"prodvec: error: {redact_text(str(err), secrets)}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """The embedding table: versions and time travel for every reader, crash safety and vacuum,
-contract checks before commit, idempotent re-runs, incremental refresh, concurrent commits."""
+contract checks before commit, idempotent re-runs, incremental refresh, concurrent commits,
+the refresh guard, the catalog stamp, re-planning after a lost race, verified files."""
 
 from __future__ import annotations
 
@@ -17,8 +18,15 @@ from pyspark.sql import functions as F
 
 from pipelines.cli import main
 from pipelines.core.config import load_config
-from pipelines.core.errors import ConfigError, MassChangeError, StaleCatalogError, TableError
+from pipelines.core.errors import (
+    ConfigError,
+    MassChangeError,
+    StaleCatalogError,
+    TableError,
+    VectorIndexError,
+)
 from pipelines.table import TABLE_SCHEMA, EmbeddingTable, vacuum
+from pipelines.table.index import iter_embeddings
 from pipelines.table.refresh import ChangeLimits, RefreshSource
 
 DIM = 8
@@ -506,3 +514,32 @@ def test_vacuum_command(spark, tmp_path, capsys):
     assert "removed 1 file" in capsys.readouterr().out and not orphan.exists()
     assert main(["vacuum", "--table", str(tmp_path / "nothing")]) == 2
     assert "is not a Delta table" in capsys.readouterr().err
+
+
+def test_a_corrupted_data_file_fails_verify_and_every_reader(spark, tmp_path, capsys):
+    path = tmp_path / "table"
+    table = EmbeddingTable(path, rows_per_file=700)
+    commit(
+        table, embed(spark, catalog_rows(range(2000)), seed=1, dimension=64), "run-0", dimension=64
+    )
+    assert main(["verify", "--table", str(path), "--version", "0"]) == 0
+    assert "version 0: 3 file(s), 2000 rows, dimension 64: ok" in capsys.readouterr().out
+
+    victim = sorted(table.snapshot().files)[1]
+    relative = victim[len(table.uri) + 1 :]
+    size = Path(victim).stat().st_size
+    with open(victim, "r+b") as data:  # 4 KB overwritten mid-file: the footer still reads
+        data.seek(size // 2)
+        data.write(np.random.default_rng(0).bytes(4096))
+    assert pq.read_metadata(victim).num_rows > 0
+
+    assert main(["verify", "--table", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prodvec: error: ") and "\n" not in err
+    assert f"{relative}: corrupt" in err and "CRC checksum verification failed" in err
+    with pytest.raises(Exception, match="CRC checksum verification failed"):
+        table.read_spark(spark).agg(
+            F.sum(F.aggregate("embedding", F.lit(0.0), lambda a, x: a + x))
+        ).collect()
+    with pytest.raises(VectorIndexError, match=f"table file {victim} is corrupt"):
+        list(iter_embeddings(table.snapshot().files, 1000))

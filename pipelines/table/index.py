@@ -157,14 +157,21 @@ def iter_embeddings(files: Sequence[str], batch_rows: int) -> Iterator[tuple[pa.
     for uri in files:
         filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (None, uri)
         try:
-            parquet = pq.ParquetFile(path, filesystem=filesystem)
+            parquet = pq.ParquetFile(path, filesystem=filesystem, page_checksum_verification=True)
         except FileNotFoundError as err:
             raise VectorIndexError(
                 f"table file {uri} is gone (vacuumed after this version left the retention window?)"
             ) from err
-        for batch in parquet.iter_batches(
-            batch_size=batch_rows, columns=["product_id", "embedding"]
-        ):
+        batches = parquet.iter_batches(batch_size=batch_rows, columns=["product_id", "embedding"])
+        while True:
+            try:
+                batch = next(batches, None)
+            except OSError as err:  # a page whose CRC does not match: the file changed on disk
+                raise VectorIndexError(
+                    f"table file {uri} is corrupt ({err}): `prodvec verify` checks the version"
+                ) from err
+            if batch is None:
+                break
             if batch.num_rows:
                 yield batch.column(0), unit_vectors(batch.column(1), uri)
 

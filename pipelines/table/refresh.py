@@ -193,8 +193,7 @@ def models_in(spark: SparkSession, files: TableFiles, table: DeltaTable) -> set[
             models.add((name[0], version[0]))
     if unknown:
         rows = (
-            spark.read.schema(SPARK_SCHEMA)
-            .parquet(*unknown)
+            files.read(spark, SPARK_SCHEMA, unknown)
             .select("model_name", "model_version")
             .distinct()
             .collect()
@@ -220,7 +219,7 @@ def removal_keys(
 ) -> DataFrame:
     """Product ids whose current row must go: re-embedded ones and deleted ones."""
     parts = (
-        [spark.read.schema(ID_SCHEMA).parquet(*(files.absolute(f.path) for f in embedded))]
+        [files.read(spark, ID_SCHEMA, [files.absolute(f.path) for f in embedded])]
         if embedded
         else []
     )
@@ -246,8 +245,7 @@ def copy_on_write(
     keys = removal_keys(spark, files, embedded, deleted).persist()
     try:
         hits = (
-            spark.read.schema(ID_SCHEMA)
-            .parquet(*(files.absolute(f.path) for f in current))
+            files.read(spark, ID_SCHEMA, [files.absolute(f.path) for f in current])
             .select("product_id", F.col("_metadata.file_path").alias("file"))
             .join(keys, "product_id")
             .groupBy("file")
@@ -259,8 +257,7 @@ def copy_on_write(
         by_path = {f.path: f for f in current}
         touched = [by_path[files.relative(row.file)] for row in hits]
         rest = (
-            spark.read.schema(SPARK_SCHEMA)
-            .parquet(*(files.absolute(f.path) for f in touched))
+            files.read(spark, SPARK_SCHEMA, [files.absolute(f.path) for f in touched])
             .join(keys, "product_id", "left_anti")
             .select(*COLUMNS)
         )

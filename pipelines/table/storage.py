@@ -1,6 +1,11 @@
 """The table's files on whatever filesystem holds it (a local disk or an object store, through
 `pyarrow.fs`): paths relative to the table root as the Delta log writes them, listing,
-writing with Spark, checking a file against the contract, deleting a staging folder."""
+writing and reading with Spark, checking a file against the contract, deleting a staging folder.
+
+Every data file carries a CRC32 per Parquet page, written by Spark (parquet-mr) and verified
+on every read of the table's files, Spark's (`read`) or pyarrow's (with
+`page_checksum_verification=True`): a file overwritten in place fails its read instead of
+handing out other floats."""
 
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from pipelines.core.errors import TableError
 from pipelines.table.contract import DataFile, file_problems, file_stats
@@ -80,11 +86,21 @@ class TableFiles:
             frame.repartition(F.col("product_id"))
             .write.option("maxRecordsPerFile", self.rows_per_file)
             .option("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+            .option("parquet.page.write-checksum.enabled", "true")
             .option("mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
             # Local disks only: no .crc side files for vacuum to find later.
             .option("fs.file.impl", "org.apache.hadoop.fs.RawLocalFileSystem")
             .option("fs.file.impl.disable.cache", "true")
             .parquet(self.absolute(folder))
+        )
+
+    def read(self, spark: SparkSession, schema: T.StructType, uris: list[str]) -> DataFrame:
+        """Data files (absolute URIs) as one frame, every page's CRC checked: a corrupt file
+        fails the read, naming it, instead of being copied or served."""
+        return (
+            spark.read.schema(schema)
+            .option("parquet.page.verify-checksum.enabled", "true")
+            .parquet(*uris)
         )
 
     def listing(self, folder: str) -> list[str]:

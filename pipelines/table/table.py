@@ -129,7 +129,7 @@ class EmbeddingTable:
         files = self.snapshot(version).files if self.exists() or version is not None else ()
         if not files:
             return spark.createDataFrame([], SPARK_SCHEMA)
-        return spark.read.schema(SPARK_SCHEMA).parquet(*files)
+        return self.files.read(spark, SPARK_SCHEMA, list(files))
 
     def commit_info(self, version: int | None = None) -> dict[str, Any]:
         """The prodvec metadata (model, run, config hash, counts) a commit recorded."""
@@ -285,8 +285,8 @@ class EmbeddingTable:
             )
             missing = fresh.to_embed
             if embedded:
-                staged = spark.read.schema(HASHES_SCHEMA).parquet(
-                    *(self.files.absolute(f.path) for f in embedded)
+                staged = self.files.read(
+                    spark, HASHES_SCHEMA, [self.files.absolute(f.path) for f in embedded]
                 )
                 missing = missing.join(
                     staged.select("product_id", "content_hash"),
@@ -334,7 +334,12 @@ class EmbeddingTable:
             )
         files = [self.files.inspect(path, dimension) for path in paths]
         uris = [self.files.absolute(path) for path in paths]
-        metrics = spark.read.parquet(*uris).agg(*row_metrics(*model)).collect()[0].asDict()
+        metrics = (
+            self.files.read(spark, SPARK_SCHEMA, uris)
+            .agg(*row_metrics(*model))
+            .collect()[0]
+            .asDict()
+        )
         check_row_metrics(metrics, dimension, model, ", ".join(paths))
         self._check_unique(spark, files, ", ".join(paths))
         return [f for f in files if f.rows]
@@ -343,7 +348,7 @@ class EmbeddingTable:
         """Reads only the product_id column of the new files."""
         if not any(f.rows for f in files):
             return
-        ids = spark.read.schema(ID_SCHEMA).parquet(*(self.files.absolute(f.path) for f in files))
+        ids = self.files.read(spark, ID_SCHEMA, [self.files.absolute(f.path) for f in files])
         repeated = ids.groupBy("product_id").count().where("count > 1").limit(3).collect()
         if repeated:
             shown = ", ".join(f"{row.product_id!r} x{row['count']}" for row in repeated)

@@ -292,9 +292,7 @@ class DeltaSparkWriter:
             mode, embedded, deleted = replan(table, embedded, 1)
         before = self.files.of_version(table)
         rows = (
-            spark.read.schema(SPARK_SCHEMA).parquet(
-                *(self.files.absolute(f.path) for f in embedded)
-            )
+            self.files.read(spark, SPARK_SCHEMA, [self.files.absolute(f.path) for f in embedded])
             if embedded
             else spark.createDataFrame([], SPARK_SCHEMA)
         )
