@@ -1,6 +1,7 @@
 """The embedding table, split by job: `contract` (schema and checks), `storage` (its files),
-`refresh` (what a run embeds and removes, copy-on-write), `writers` (the commit back-ends),
-`vacuum`, and `table` (the `EmbeddingTable` readers and writers use)."""
+`refresh` (what a run embeds and removes, copy-on-write, the refresh guard), `writers` (the
+commit back-ends), `vacuum`, `verify` (a version's files against their checksums and commit),
+and `table` (the `EmbeddingTable` readers and writers use)."""
 
 from pipelines.table.contract import COLUMNS, SPARK_SCHEMA, TABLE_SCHEMA
 from pipelines.table.refresh import RefreshPlan

@@ -309,6 +309,7 @@ class DeltaSparkWriter:
             rows.repartition(F.col("product_id"))
             .write.format("delta")
             .mode("overwrite")
+            .option("parquet.page.write-checksum.enabled", "true")
             .option("txnAppId", meta["app_id"])
             .option("txnVersion", 0)
             .option("userMetadata", json.dumps({**meta, "mode": mode}, sort_keys=True))
