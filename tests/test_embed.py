@@ -498,3 +498,40 @@ def test_racing_embed_processes_end_with_the_newer_catalog(spark, base, tmp_path
     )
     assert not set(ids[10:20]) & set(final["product_id"].to_pylist())  # none resurrected
     assert table.commit_info()["catalog_written_at"] == 1_700_000_200_000
+
+
+def test_embed_of_a_truncated_catalog_stops_before_writing(spark, base, tmp_path, capsys):
+    """Seven of eight parts of the clean output gone: the embed stops, names the counts, and
+    writes nothing; the limits set for one run let it through."""
+    base_config, _, uri = base
+    config = scratch(base_config, tmp_path, f"embed.model_uri={uri}")
+    run_stage("embed", config, spark)
+    table = EmbeddingTable.from_config(config)
+    written = sorted(Path(table.uri).rglob("*.parquet"))
+    catalog = catalog_rows(config)
+    kept = catalog.slice(0, catalog.num_rows // 8)
+    _write_catalog(config, kept, int(time.time()) + 100)
+    command = [
+        "embed",
+        f"workdir={tmp_path}",
+        "catalog.synthetic.rows=400",
+        f"tracking.uri={config.tracking.uri}",
+        f"tracking.artifact_location={config.tracking.artifact_location}",
+        f"embed.model_uri={uri}",
+    ]
+
+    assert cli.main(command) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("prodvec: error: ")
+    err = errors[0]
+    removed = catalog.num_rows - kept.num_rows
+    assert (
+        f"would remove {removed} and carry {kept.num_rows} of the table's "
+        f"{catalog.num_rows} products" in err
+    )
+    assert "embed.max_removed_fraction=0.05" in err and "embed.min_carried_fraction=0.5" in err
+    assert table.version() == 0 and sorted(Path(table.uri).rglob("*.parquet")) == written
+
+    allowed = [*command, "embed.max_removed_fraction=1", "embed.min_carried_fraction=0"]
+    assert cli.main(allowed) == 0, capsys.readouterr().err
+    assert table.version() == 1 and table.snapshot().rows == kept.num_rows
