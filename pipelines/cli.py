@@ -4,9 +4,9 @@
 
 Expected failures (bad config, bad catalog, bad input) print one clear
 line and exit 2; a failed executor-side batch prints the one line naming its stage and
-row batch (pipelines/faults.py) and exits 1, as does `prodvec verify` finding a table file
-that does not match its checksums or its commit; anything else is a bug and keeps its
-traceback.
+row batch (pipelines/faults.py) and exits 1, as does a table file failing its page checksums
+on a read or in `prodvec verify` (one line naming the file); anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -323,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prodvec: error: {redact_text(str(err), secrets)}", file=sys.stderr)
         return 2
     except Exception as err:
-        failed = task_error(err)  # an executor's TaskError inside Spark's wrapping
+        from pipelines.table.storage import damaged_file  # Spark's failure: the table is loaded
+
+        # an executor's TaskError, or a table file failing its checksums, inside Spark's wrapping
+        failed = task_error(err) or damaged_file(err)
         if failed is None:
             raise
         log.debug("executor-side failure", exc_info=err)

@@ -28,6 +28,7 @@ from pipelines.core.errors import (
 from pipelines.table import TABLE_SCHEMA, EmbeddingTable, vacuum
 from pipelines.table.index import iter_embeddings
 from pipelines.table.refresh import ChangeLimits, RefreshSource
+from pipelines.table.storage import damaged_file
 
 DIM = 8
 MODEL = {
@@ -537,9 +538,10 @@ def test_a_corrupted_data_file_fails_verify_and_every_reader(spark, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("prodvec: error: ") and "\n" not in err
     assert f"{relative}: corrupt" in err and "CRC checksum verification failed" in err
-    with pytest.raises(Exception, match="CRC checksum verification failed"):
+    with pytest.raises(Exception, match="CRC checksum verification failed") as failed:
         table.read_spark(spark).agg(
             F.sum(F.aggregate("embedding", F.lit(0.0), lambda a, x: a + x))
         ).collect()
+    assert str(damaged_file(failed.value)).startswith(f"file://{victim}: page CRC checksum")
     with pytest.raises(VectorIndexError, match=f"table file {victim} is corrupt"):
         list(iter_embeddings(table.snapshot().files, 1000))

@@ -5,7 +5,7 @@ writing and reading with Spark, checking a file against the contract, deleting a
 Every data file carries a CRC32 per Parquet page, written by Spark (parquet-mr) and verified
 on every read of the table's files, Spark's (`read`) or pyarrow's (with
 `page_checksum_verification=True`): a file overwritten in place fails its read instead of
-handing out other floats."""
+handing out other floats; `damaged_file` turns Spark's wrapped failure into one line."""
 
 from __future__ import annotations
 
@@ -24,10 +24,13 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.core.errors import TableError
+from pipelines.core.errors import TableError, TableVerifyError
 from pipelines.table.contract import DataFile, file_problems, file_stats
 
-__all__ = ["TableFiles", "table_uri"]
+__all__ = ["TableFiles", "damaged_file", "table_uri"]
+
+_FAILED_READ = re.compile(r"Encountered error while reading file (\S+?)\.?\s+SQLSTATE")
+_CRC_FAILED = "CRC checksum verification failed"
 
 
 def table_uri(path: str | Path) -> str:
@@ -37,6 +40,19 @@ def table_uri(path: str | Path) -> str:
     if "://" in text:
         return text.rstrip("/")
     return str(Path(text).expanduser().resolve())
+
+
+def damaged_file(err: BaseException) -> TableVerifyError | None:
+    """The data file whose page checksums failed a Spark read, recovered from the driver-side
+    Spark exception (a JVM stack trace) as one error naming it; None for any other failure."""
+    text = str(err)
+    found = _FAILED_READ.search(text)
+    if found is None or _CRC_FAILED not in text:
+        return None
+    return TableVerifyError(
+        f"{found.group(1)}: page {_CRC_FAILED}: the file changed after it was written; "
+        "`prodvec verify` checks the whole version"
+    )
 
 
 def _key(uri: str) -> str:
