@@ -501,8 +501,9 @@ def test_racing_embed_processes_end_with_the_newer_catalog(spark, base, tmp_path
 
 
 def test_embed_of_a_truncated_catalog_stops_before_writing(spark, base, tmp_path, capsys):
-    """Seven of eight parts of the clean output gone: the embed stops, names the counts, and
-    writes nothing; the limits set for one run let it through."""
+    """A sealed clean catalog of an eighth of the products (clean ran over a truncated
+    source): the embed stops, names the counts, and writes nothing; the limits set for one
+    run let it through."""
     base_config, _, uri = base
     config = scratch(base_config, tmp_path, f"embed.model_uri={uri}")
     run_stage("embed", config, spark)
