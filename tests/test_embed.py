@@ -436,6 +436,7 @@ def _embed_process(config: Config, table: Path, uri: str, log: Path, **env: str)
         )
 
 
+@pytest.mark.slow  # two whole `prodvec embed` processes, each with its own JVM
 def test_racing_embed_processes_end_with_the_newer_catalog(spark, base, tmp_path):
     """The newer catalog's run plans against version 0 and is held before its commit while
     the older catalog's run commits version 1 (deleting products 0-9, which the newer keeps);
