@@ -516,15 +516,16 @@ def _rules_digest(config: Config) -> str:
     return digest.hexdigest()
 
 
-def _previous(spark: SparkSession, config: Config) -> tuple[DataFrame | None, str]:
-    """What the last run made of each source row, when it can be reused: (product_id, key,
-    its own reason and message, and for clean rows the clean columns), and why (not)."""
+def _previous(spark: SparkSession, config: Config, rules: str) -> tuple[DataFrame | None, str]:
+    """What the last run made of each source row, when it can be reused under `rules` (this
+    run's `_rules_digest`): (product_id, key, its own reason and message, and for clean rows
+    the clean columns), and why (not)."""
     outputs = config.outputs
     stamp = outputs.row_hashes / _RULES_FILE
     if not stamp.is_file():
         return None, "no row hashes from a previous run"
     written = json.loads(stamp.read_text())
-    if written["rules"] != _rules_digest(config):
+    if written["rules"] != rules:
         return None, "the rules changed since the previous run"
     if written["catalog_files"] != clean_files_stamp(outputs.clean_catalog):
         return None, "the clean catalog is not the one the row hashes were written with"
@@ -562,7 +563,10 @@ def run(spark: SparkSession, config: Config) -> StageResult:
     the clean catalog, the quarantine and the row hashes, check the invariant."""
     source = read_catalog(spark, config)
     check_columns(source, config.catalog)
-    previous, why = _previous(spark, config) if config.clean.incremental else (None, "full run")
+    rules = _rules_digest(config)
+    previous, why = (
+        _previous(spark, config, rules) if config.clean.incremental else (None, "full run")
+    )
     rows_in = Observation("clean_rows_in")
     source = source.observe(rows_in, F.count(F.lit(1)).alias("rows"))
     if previous is None:
@@ -641,7 +645,7 @@ def run(spark: SparkSession, config: Config) -> StageResult:
     (hashes / _RULES_FILE).write_text(
         json.dumps(
             {
-                "rules": _rules_digest(config),
+                "rules": rules,
                 "catalog_files": clean_files_stamp(outputs.clean_catalog),
             }
         )
