@@ -4,8 +4,8 @@
 base + environment), then `key.sub=value` overrides from the command line. Every
 unknown key is an error that names it, so a typo never silently falls back to a
 default. Where stages may read (`paths`) is set by files alone: an override cannot widen it.
-Values taken from the environment are
-remembered so that printed, logged and tracked configuration masks them.
+Values taken from the environment are remembered so that printed, logged and tracked
+configuration masks them.
 """
 
 from __future__ import annotations
@@ -523,7 +523,7 @@ class ImageFeaturesConfig(Strict):
 class PathsConfig(Strict):
     """Where configured files may live. Empty (the laptop default): anywhere. A cluster lists
     its roots (conf/cluster.yaml), so a typo or a hostile overlay cannot point a stage at
-    files outside them; the workdir is always allowed."""
+    files outside them; the workdir the config files give is always allowed (`Config.roots`)."""
 
     allowed_roots: list[str] = Field(default_factory=list)  # local paths or URI prefixes
 
