@@ -33,9 +33,11 @@ test: install
 	$(PY) -m pytest
 
 # Everything but the shared-data, spark-submit, cluster and end-to-end tests: the tier to run
-# while working (under 2 minutes on 2 cores).
+# while working (under 2 minutes on 2 cores). Two worker processes, each with its own Spark
+# session: one test process leaves a core idle while its JVM and Python wait on each other.
+# A module's tests, and the users of one pipeline fixture, stay in one worker (conftest.py).
 test-fast: install
-	$(PY) -m pytest -m "not (shared_data or spark_submit or cluster or slow)"
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not (shared_data or spark_submit or cluster or slow)"
 
 # ruff (lint and format) over everything; mypy over the library and the models (setup.cfg).
 lint: install

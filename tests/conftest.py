@@ -3,29 +3,47 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
 import pytest
 
-from pipelines.core.config import SparkConfig
+from pipelines.core.config import Config, SparkConfig
 from pipelines.core.spark import get_spark
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("PRODVEC_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that needs the whole embedded pipeline run (directly or through another
-    fixture) is an end-to-end test: the `slow` tier."""
+    fixture) is an end-to-end test: the `slow` tier. For `pytest -n 2 --dist loadgroup`
+    (`make test-fast`), the tests of one module and the users of one session-wide pipeline
+    fixture stay in one worker, so each module and pipeline fixture is built once."""
     for item in items:
-        if "embedded_pipeline" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "embedded_pipeline" in fixtures:
             item.add_marker(pytest.mark.slow)
+        shared = [name for name in PIPELINE_FIXTURES if name in fixtures]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.path.stem))
 
 
-# Many small jobs: the client compiler alone and the serial collector cost a third less JVM
-# CPU than the server defaults that suit one long production job.
-TEST_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move what collection imported (torch, MLflow, scikit-learn, pyspark: a few million
+    objects) out of the collector's reach: the full collections that MLflow, pyspark and
+    pytest's own end-of-session check run then scan only what the tests made."""
+    gc.freeze()
+
+
+# Many small jobs, each with its own generated code: the client compiler alone, the serial
+# collector and a code cache that is never swept cost about half the JVM CPU of the server
+# defaults that suit one long production job (sweeping alone recompiled a third of it).
+TEST_JVM_OPTIONS = (
+    "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC "
+    "-XX:ReservedCodeCacheSize=512m -XX:-UseCodeCacheFlushing"
+)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +51,7 @@ def spark():
     session = get_spark(
         SparkConfig(
             master="local[2]",
-            shuffle_partitions=4,
+            shuffle_partitions=2,
             driver_memory="2g",
             conf={"spark.driver.extraJavaOptions": TEST_JVM_OPTIONS},
         )
@@ -55,6 +73,42 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared catalogs not found at {SHARED_DATA} (set PRODVEC_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_shards(spark, tmp_path_factory) -> Config:
+    """An 800-row synthetic catalog through clean, corpus and shard, for the training and
+    similarity tests: every task kind of conf/base.yaml, 16-d word vectors, and small row
+    groups so two ranks get even shares. Tests read it and write their runs elsewhere."""
+    from pipelines.core.config import load_config
+    from pipelines.stages.registry import run_stage
+
+    config = load_config(
+        overrides=[
+            f"workdir={tmp_path_factory.mktemp('small-shards')}",
+            "catalog.synthetic.rows=800",
+            "word2vec.epochs=2",
+            "word2vec.min_count=2",
+            "word2vec.dims=16",
+            "shard.row_group_rows=64",
+            "shard.text_fields={title: 16}",
+            "shard.subwords.width=96",
+            "train.embedding_size=16",
+            "train.batch_size=32",
+            "train.epochs=3",
+            "train.lr=0.01",
+            "train.threads_per_process=1",
+            "train.distributed=false",
+            "train.calibration_batches=5",
+        ]
+    )
+    for name in ("clean", "corpus", "shard"):
+        run_stage(name, config, spark)
+    return config
+
+
+# Session fixtures that run stages: their users share one xdist worker.
+PIPELINE_FIXTURES = ("embedded_pipeline", "small_shards")
 
 
 @pytest.fixture(scope="session")

@@ -354,7 +354,9 @@ def test_a_model_folder_is_identified_by_its_content(tmp_path):
     folder, copy = tmp_path / "model", tmp_path / "copy"
 
     def save(module: torch.nn.Module, where: Path) -> None:
-        mlflow.pytorch.save_model(module.eval(), str(where), serialization_format="pickle")
+        mlflow.pytorch.save_model(
+            module.eval(), str(where), serialization_format="pickle", pip_requirements=[]
+        )
 
     save(TitleEncoder(_mrnet(vocabulary, 1), MAX_LEN), folder)
     _, name, first = pin(str(folder))

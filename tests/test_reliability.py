@@ -271,7 +271,9 @@ def test_a_real_executor_error_in_embed_names_the_row_batch(spark, tmp_path):
     )
     folder = tmp_path / "model"
     # As the train stage logs it, but without extra_files/vocabulary.parquet.
-    mlflow.pytorch.save_model(module.eval(), str(folder), serialization_format="pickle")
+    mlflow.pytorch.save_model(
+        module.eval(), str(folder), serialization_format="pickle", pip_requirements=[]
+    )
     spec = ModelSpec(
         "models:/broken/1", "broken", "1", str(folder), "mrnet", InputLayout(max_len=12), 8, 64, 64
     )

@@ -15,12 +15,10 @@ from pyspark.sql import functions as SF
 from models.bag import SubwordBag, distinct_counts
 from models.encoders import TitleEncoder, pack_title
 from models.mrnet import MRNet
-from pipelines.core.config import load_config
 from pipelines.data.shards import load_manifest, title_terms
 from pipelines.data.subwords import Subwords, xxh64, xxh64_many
 from pipelines.data.tokenizer import Vocabulary, tokenize_arrow
 from pipelines.model_types.registry import model_type
-from pipelines.stages import clean, corpus, shard
 from pipelines.training.contrastive import ContrastiveSpec, info_nce, join_views, view
 from pipelines.training.loader import make_loader
 
@@ -112,15 +110,9 @@ def test_info_nce_leaves_padding_rows_out():
 
 
 @pytest.fixture(scope="module")
-def sharded(spark, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("similarity")
-    config = load_config(overrides=[
-        f"workdir={workdir}", "catalog.synthetic.rows=600", "word2vec.epochs=1",
-        "word2vec.min_count=2", "word2vec.dims=8", "shard.text_fields={title: 12}",
-        "shard.subwords.width=96", "shard.row_group_rows=64"])  # fmt: skip
-    for stage in (clean, corpus, shard):
-        stage.run(spark, config)
-    return config
+def sharded(small_shards):
+    """The shared 800-row catalog through clean, corpus and shard (conftest `small_shards`)."""
+    return small_shards
 
 
 def test_subword_ids_are_one_definition_in_shard_loader_and_served_encoder(sharded):
@@ -146,8 +138,9 @@ def test_subword_ids_are_one_definition_in_shard_loader_and_served_encoder(shard
     batches = list(make_loader(root, "test", 1000, shuffle=False))
     np.testing.assert_array_equal(batches[0]["title_subwords"].numpy(), in_shards)
     vocabulary = Vocabulary.load(root / manifest["vocabulary"]["path"])
+    title_length = config.shard.text_fields["title"]
     layout = model_type("mrnet").input_layout(
-        TitleEncoder(torch.nn.Module(), 12, 96), {"subwords": manifest["subwords"]}
+        TitleEncoder(torch.nn.Module(), title_length, 96), {"subwords": manifest["subwords"]}
     )  # type: ignore[arg-type]
     served = model_type("mrnet").inputs(layout, pa.RecordBatch.from_pydict({"title": ordered}),
                                         vocabulary)  # fmt: skip

@@ -40,7 +40,6 @@ from pipelines.training.objectives import MultitaskObjective
 from pipelines.training.publish import CANDIDATE
 from pipelines.training.reporting import read_history
 
-ROWS = 800
 DRIVER = Launch("driver", 1, False, 1)
 KINDS = ("multiclass", "binary", "regression", "multilabel", "decoding")
 
@@ -51,32 +50,9 @@ def with_train(config: Config, **changes) -> Config:
 
 
 @pytest.fixture(scope="module")
-def built(spark, tmp_path_factory) -> Config:
-    """An 800-row synthetic catalog through clean, corpus and shard (every task kind of
-    conf/base.yaml), with small row groups so two ranks get even shares."""
-    workdir = tmp_path_factory.mktemp("train")
-    config = load_config(
-        overrides=[
-            f"workdir={workdir}",
-            f"catalog.synthetic.rows={ROWS}",
-            "word2vec.epochs=2",
-            "word2vec.min_count=2",
-            "word2vec.dims=16",
-            "shard.row_group_rows=64",
-            "shard.text_fields={title: 16}",
-            "train.embedding_size=16",
-            "train.batch_size=32",
-            "train.epochs=3",
-            "train.lr=0.01",
-            "train.threads_per_process=1",
-            "train.distributed=false",
-            "train.calibration_batches=5",
-        ]
-    )
-    clean.run(spark, config)
-    corpus.run(spark, config)
-    shard.run(spark, config)
-    return config
+def built(small_shards) -> Config:
+    """The shared 800-row catalog through clean, corpus and shard (conftest `small_shards`)."""
+    return small_shards
 
 
 def fit(
