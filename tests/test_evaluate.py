@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from gensim.models import KeyedVectors
 from mlflow import MlflowClient
 from sklearn.metrics import f1_score, top_k_accuracy_score
 
@@ -154,6 +155,7 @@ def test_retrieval_is_reported_for_embeddings_and_tfidf(evaluated):
     _, result = evaluated
     retrieval = json.loads(Path(result.outputs["report"]).read_text())["retrieval"]
     assert retrieval["queries"] == 30 and retrieval["k"] == 10
+    assert len(set(retrieval["query_ids"])) == 30
     for features in ("embedding", "tfidf"):
         assert 0 < retrieval[f"mar_at_k_{features}"] <= 1
         assert result.metrics[f"retrieval_mar_at_k_{features}"] == retrieval[f"mar_at_k_{features}"]
@@ -181,6 +183,38 @@ def _retrieval_sample(vectors_follow_category: bool, titles_follow_category: boo
     )
 
 
+def _title_words(sample: Sample) -> KeyedVectors:
+    """Random 8-d vectors for every word of the sample's titles."""
+    words = sorted({word for title in sample.titles for word in title.split()})
+    vectors = KeyedVectors(vector_size=8)
+    vectors.add_vectors(words, np.random.default_rng(5).normal(size=(len(words), 8)))
+    return vectors
+
+
+def test_retrieval_queries_are_the_titles_choice_spread_over_leaf_categories():
+    """eProduct 3.1: the same queries whichever embeddings are judged (k-means++ over the
+    titles' word vectors), dealt evenly over the leaf categories."""
+    sample = _retrieval_sample(True, True)
+    chosen = []
+    for seed in (1, 2):
+        vectors = np.random.default_rng(seed).normal(size=sample.vectors.shape)
+        report, reason = category_retrieval(
+            vectors.astype(np.float32),
+            sample.titles,
+            sample.leaf_category,
+            words=_title_words(sample),
+            queries=12,
+            k=5,
+            seed=0,
+            tfidf_max_features=100,
+        )
+        assert reason is None
+        chosen.append(report["query_rows"])
+    assert chosen[0] == chosen[1] and len(set(chosen[0])) == 12
+    per_leaf = pd.Series(sample.leaf_category[chosen[0]]).value_counts()
+    assert len(per_leaf) == 6 and set(per_leaf) == {2}
+
+
 @pytest.mark.parametrize(
     "vectors_follow, titles_follow, embedding, tfidf",
     [
@@ -196,6 +230,7 @@ def test_category_retrieval_scores_what_carries_the_category(
         sample.vectors,
         sample.titles,
         sample.leaf_category,
+        words=_title_words(sample),
         queries=12,
         k=5,
         seed=0,
@@ -221,6 +256,7 @@ def test_category_retrieval_needs_shared_categories():
         unique.vectors,
         unique.titles,
         unique.leaf_category,
+        words=_title_words(unique),
         queries=10,
         k=5,
         seed=0,

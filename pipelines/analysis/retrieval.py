@@ -229,6 +229,7 @@ def category_retrieval(
     titles: np.ndarray,
     leaf_category: np.ndarray,
     *,
+    words: KeyedVectors,
     queries: int,
     k: int,
     seed: int,
@@ -236,7 +237,10 @@ def category_retrieval(
 ) -> tuple[dict[str, Any] | None, str | None]:
     """(MAR@k of the embeddings and of TF-IDF with the leaf category as ground truth, or
     why it could not run). A query's matches are the other products of its leaf category;
-    queries are drawn among products whose category has another member."""
+    queries are drawn among products whose category has another member, as eProduct 3.1
+    draws them: k-means++ over the titles' averaged word vectors (`words`), within each leaf
+    category. The queries depend on the titles alone, never on the embeddings judged, so two
+    models are scored on the same queries. `query_rows` in the report: their sample rows."""
     leaves = pd.Series(leaf_category)
     sizes = leaves.map(leaves.value_counts())
     eligible = np.flatnonzero(leaves.notna().to_numpy() & (sizes >= 2).to_numpy())
@@ -246,7 +250,14 @@ def category_retrieval(
             f"retrieval: {len(eligible)} sampled products share a leaf category "
             "with another (needs 2)"
         )
-    picked = eligible[diverse_queries(vectors[eligible], min(queries, len(eligible)), seed=seed)]
+    picked = eligible[
+        diverse_queries(
+            title_vectors(titles[eligible].tolist(), words),
+            min(queries, len(eligible)),
+            groups=leaves.iloc[eligible].to_numpy(),
+            seed=seed,
+        )
+    ]
     members = leaves.groupby(leaves).indices
     relevant = [set(members[leaves.iloc[row]].tolist()) - {row} for row in picked]
     _, by_embedding = exact_neighbours(vectors, vectors[picked], k + 1)
@@ -257,6 +268,7 @@ def category_retrieval(
     by_tfidf = np.argsort(-scores, axis=1, kind="stable")[:, : k + 1]
     report: dict[str, Any] = {
         "queries": len(picked),
+        "query_rows": picked.tolist(),
         "k": k,
         "ground_truth": "leaf category",
         **{

@@ -8,7 +8,9 @@ one sample and writes `report.json`, TSVs and pictures under `Outputs.evaluation
 2. Reports of every trained head on the shards' test split, whatever the model type and the
    head's kind: the metrics validation computes during training (`pipelines.tasks`).
 3. Retrieval (`analysis.retrieval`): eProduct's MAR@k with the leaf category as ground truth,
-   embeddings against TF-IDF of titles.
+   embeddings against TF-IDF of titles, on queries chosen as eProduct 3.1 chose them (the
+   corpus stage's word vectors averaged over each title, k-means++ within each leaf
+   category): the same queries whichever model is judged (`retrieval.query_ids`).
 4. Pictures (`analysis.pictures`): a t-SNE of the sample and a nearest-neighbour table.
 5. Drift (`analysis.drift`) between the previous version and this one.
 
@@ -30,6 +32,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
+from gensim.models import KeyedVectors
 from pyspark.sql import SparkSession
 
 from models.mrnet import TaskHead
@@ -221,11 +224,20 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         rows["head_test"] = max(row["test_rows"] for row in heads)
 
     retrieval = None
-    if settings.retrieval_queries:
+    words = config.outputs.word2vec
+    if not settings.retrieval_queries:
+        skipped.append("retrieval: evaluate.retrieval_queries is 0")
+    elif not words.is_file():
+        skipped.append(
+            f"retrieval: no word vectors at {words} to choose the queries by, independent of "
+            "the model judged (run `prodvec corpus`)"
+        )
+    else:
         retrieval, reason = category_retrieval(
             sample.vectors,
             sample.titles,
             sample.leaf_category,
+            words=KeyedVectors.load(str(words), mmap="r"),
             queries=settings.retrieval_queries,
             k=settings.retrieval_k,
             seed=config.seed,
@@ -234,6 +246,7 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         if reason:
             skipped.append(reason)
         elif retrieval is not None:
+            retrieval["query_ids"] = sample.product_ids[retrieval.pop("query_rows")].tolist()
             metrics.update(
                 {
                     f"retrieval_{key}": value
@@ -241,8 +254,6 @@ def run(spark: SparkSession, config: Config) -> StageResult:
                     if key.startswith("mar_at_k") or (key == "relative" and value is not None)
                 }
             )
-    else:
-        skipped.append("retrieval: evaluate.retrieval_queries is 0")
 
     tsne_rows = min(settings.tsne_rows, len(sample.vectors))
     if tsne_rows >= 10:
