@@ -14,7 +14,7 @@ from pyspark.sql import functions as F
 
 from pipelines.core.config import Config, load_config
 from pipelines.core.errors import CatalogError
-from pipelines.data.catalog import read_clean
+from pipelines.data.catalog import content_hash, read_clean
 from pipelines.data.synthetic import generate_catalog, write_catalog
 from pipelines.stages import clean
 
@@ -203,6 +203,30 @@ def test_clean_rows_are_normalised(bad_catalog):
     assert catalog["entity"]["content_hash"] != catalog["ok1"]["content_hash"]
     for product in catalog.values():
         assert product["title"].isascii() and product["source"] == "synthetic"
+
+
+def test_content_hash_changes_with_what_a_model_reads_and_the_group(spark):
+    """The hash decides what an incremental embed re-embeds: a product that moved to another
+    product group is re-embedded (the per-group model serves it with another MRNet); a
+    change no model reads (price) is not."""
+    base = {
+        "title": "blue shirt",
+        "description": None,
+        "bullets": ["cotton"],
+        "brand": "acme",
+        "image_features": None,
+        "product_group": "clothing",
+        "price": 5.0,
+    }
+    variants = [base, {**base, "product_group": "sports"}, {**base, "price": 9.0}]
+    variants += [{**base, "title": "red shirt"}]
+    frame = spark.createDataFrame(
+        variants,
+        "title string, description string, bullets array<string>, brand string, "
+        "image_features array<float>, product_group string, price double",
+    )
+    hashes = [row[0] for row in frame.select(content_hash()).collect()]
+    assert hashes[0] != hashes[1] and hashes[0] == hashes[2] and hashes[0] != hashes[3]
 
 
 @pytest.mark.parametrize("fmt", ["json", "parquet"])

@@ -76,9 +76,13 @@ FEATURED_STAMP = "_source.json"
 
 
 def content_hash() -> Column:
-    """SHA-256 of what the models read; the image_features stage recomputes it after filling
-    features, so embed's incremental refresh sees a product whose image changed."""
-    content = F.to_json(F.struct("title", "description", "bullets", "brand", "image_features"))
+    """SHA-256 of what the models read, the product group included (a per-group model embeds
+    a product that moved group with another MRNet); the image_features stage recomputes it
+    after filling features, so embed's incremental refresh sees a product whose image
+    changed."""
+    content = F.to_json(
+        F.struct("title", "description", "bullets", "brand", "image_features", "product_group")
+    )
     return F.sha2(content, 256)
 
 
