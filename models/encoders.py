@@ -78,13 +78,18 @@ class GroupEncoder(nn.Module):
     """The registered per-group model: int64 [B, 1 + max_len + subword_width] rows of (group
     index, then the title as `pack_title` lays it out) -> the L2-normalised group-agnostic
     embedding [B, 2d]: the row's group MRNet embeds the title, the sparse autoencoder maps it
-    to the shared space. `groups[i]` names group index i."""
+    to the shared space. `groups[i]` names group index i. `fallback` names the group whose
+    MRNet serves products of a group without one (groups under `shard.min_group_rows`, groups
+    new since training); None: such products are not embedded."""
 
     def __init__(self, groups: Sequence[str], encoders: Sequence[MRNet],
                  autoencoder: GroupSparseAutoencoder, max_len: int,
-                 subword_width: int = 0) -> None:  # fmt: skip
+                 subword_width: int = 0, fallback: str | None = None) -> None:  # fmt: skip
         super().__init__()
+        if fallback is not None and fallback not in groups:
+            raise ValueError(f"fallback group {fallback!r} is not one of {list(groups)}")
         self.groups = list(groups)
+        self.fallback = fallback
         self.encoders = nn.ModuleList(encoders)
         self.autoencoder = autoencoder
         self.max_len = max_len

@@ -326,6 +326,39 @@ def test_group_model(spark, base, tmp_path):
     assert len(table["embedding"][0]) == 16
 
 
+def test_products_of_a_group_without_an_mrnet_are_embedded_by_the_fallback_group(
+    spark, base, tmp_path
+):
+    """A group with too few products for its own MRNet (or new since training) is embedded
+    by the fallback group's MRNet, counted, never left out of the table."""
+    config, vocabulary, _ = base
+    catalog = catalog_rows(config)
+    names = catalog["product_group"].to_pylist()
+    small = min(set(names), key=names.count)
+    groups = sorted(set(names) - {small})
+    torch.manual_seed(4)
+    module = GroupEncoder(
+        groups,
+        [_mrnet(vocabulary, 20 + i) for i in range(len(groups))],
+        GroupSparseAutoencoder(len(groups), 8),
+        MAX_LEN,
+        fallback=groups[-1],
+    )
+    uri = register(config, module, "prodvec-mrnet-pg-fallback", group=True)
+    config = scratch(config, tmp_path, f"embed.model_uri={uri}")
+    result = run_stage("embed", config, spark)
+    table = table_rows(config)
+    assert result.rows["fallback"] == names.count(small) > 0
+    assert "unknown_group" not in result.rows and result.rows["table"] == catalog.num_rows
+    index = [groups.index(g) if g in groups else len(groups) - 1 for g in names]
+    np.testing.assert_allclose(
+        np.array(table["embedding"].to_pylist()),
+        reference(uri, vocabulary, catalog["title"].to_pylist(), index),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 def test_a_truncated_or_unsealed_clean_catalog_leaves_the_table_unchanged(spark, base, tmp_path):
     """Part files gone (a half-written or truncated clean output) or no completion record:
     embed stops naming the catalog before it plans, so no product is removed."""

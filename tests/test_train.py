@@ -346,6 +346,8 @@ def test_per_group_models_and_group_autoencoder(spark, grouped):
     name = f"prodvec-mrnet-pg-{grouped.catalog.name}"
     model = mlflow.pytorch.load_model(f"models:/{name}@{CANDIDATE}")
     assert model.groups == sorted(groups) == state["groups"]
+    # Products of groups without an MRNet: the group trained on the most products serves them.
+    assert model.fallback == max(groups, key=lambda name: groups[name]["splits"]["train"])
     # A row of group g: g's MRNet embeds the title, the autoencoder maps it (2 x 16 dims).
     g = 1
     rows = pq.read_table(

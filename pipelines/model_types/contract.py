@@ -228,6 +228,12 @@ class ModelType:
         every row); the embed stage counts the others under `unembeddable`."""
         return None
 
+    def served_by_fallback(self, layout: InputLayout) -> Column | None:
+        """A condition for the rows this model embeds with a stand-in (per-group models: a
+        product of a group without its own MRNet); the embed stage counts them as
+        `fallback`. None: no row is."""
+        return None
+
     # ---- evaluating ----------------------------------------------------------------------
 
     def heads(self, module: nn.Module) -> nn.Module | None:

@@ -165,6 +165,15 @@ def run(spark: SparkSession, config: Config) -> StageResult:
                 served.unembeddable,
             )
         catalog = catalog.filter(embeddable)
+    fallback = served.served_by_fallback(spec.layout)
+    if fallback is not None:
+        rows["fallback"] = catalog.filter(fallback).count()
+        if rows["fallback"]:
+            log.info(
+                "embed: %d products of groups without their own MRNet embedded by group %r's",
+                rows["fallback"],
+                spec.layout.extra["fallback"],
+            )
     table = EmbeddingTable.from_config(config)
     limits = ChangeLimits(settings.max_removed_fraction, settings.min_carried_fraction)
     catalog_stamp = clean_written_at(config.outputs.clean_catalog)

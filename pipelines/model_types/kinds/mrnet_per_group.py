@@ -179,6 +179,7 @@ class MRNetPerGroup(MRNetType):
             }
         )
         manifests = {group: load_manifest(sets[group]) for group in names}
+        largest = max(names, key=lambda group: manifests[group]["splits"]["train"])
         extra = export_files(sets[names[0]], out / "export", manifests)
         served = MRNetType.serve(self, models[0], sets[names[0]])
         title = cast(TitleEncoder, served.module)
@@ -187,13 +188,16 @@ class MRNetPerGroup(MRNetType):
         )
         name = self.registered_name(config)
         model_uri, version = log_and_register(
-            GroupEncoder(names, models, autoencoder, title.max_len, title.subword_width),
+            GroupEncoder(
+                names, models, autoencoder, title.max_len, title.subword_width, fallback=largest
+            ),
             example,
             name,
             extra,
             {
                 "catalog": config.catalog.name,
                 "groups": names,
+                "fallback_group": largest,
                 "config_hash": config.digest(),
                 "input": f"int64 [B, 1 + ...]: group index (metadata groups), then {served.input}",
                 "output": f"group-agnostic embedding [B, {2 * settings.embedding_size}]",
@@ -214,9 +218,13 @@ class MRNetPerGroup(MRNetType):
 
     def input_layout(self, module: nn.Module, tokenizer: Mapping[str, Any]) -> InputLayout:
         assert isinstance(module, GroupEncoder)
-        return InputLayout(max_len=module.max_len, groups=tuple(module.groups),
-                           extra={"subwords": tokenizer.get("subwords")}
-                           if module.subword_width else {})  # fmt: skip
+        extra: dict[str, Any] = (
+            {"subwords": tokenizer.get("subwords")} if module.subword_width else {}
+        )
+        fallback = getattr(module, "fallback", None)  # models registered before 2026-12-07: none
+        if fallback is not None:
+            extra["fallback"] = fallback
+        return InputLayout(max_len=module.max_len, groups=tuple(module.groups), extra=extra)
 
     def input_columns(self, layout: InputLayout) -> list[str]:
         return ["title", "product_group"]
@@ -224,11 +232,14 @@ class MRNetPerGroup(MRNetType):
     def inputs(
         self, layout: InputLayout, batch: pa.RecordBatch, vocabulary: Vocabulary
     ) -> np.ndarray:
-        """(group index, title) rows; a group the model has no encoder for is an error."""
+        """(group index, title) rows; a group the model has no encoder for gets the fallback
+        group's index, or, for a model without one, is an error."""
         title = super().inputs(layout, batch, vocabulary)
         names = batch.column("product_group").to_numpy(zero_copy_only=False)
         group = pd.Index(layout.groups).get_indexer(names)
-        if (group < 0).any():
+        if "fallback" in layout.extra:
+            group[group < 0] = layout.groups.index(layout.extra["fallback"])
+        elif (group < 0).any():
             raise EmbedError(
                 f"product groups {sorted(set(names[group < 0]))} are not in the "
                 f"model's groups {list(layout.groups)}"
@@ -240,7 +251,16 @@ class MRNetPerGroup(MRNetType):
         return np.concatenate([np.zeros((1, 1), dtype=np.int64), title], axis=1)
 
     def embeddable(self, layout: InputLayout) -> F.Column | None:
-        return F.col("product_group").isin(list(layout.groups))
+        return (
+            None if "fallback" in layout.extra else F.col("product_group").isin(list(layout.groups))
+        )
+
+    def served_by_fallback(self, layout: InputLayout) -> F.Column | None:
+        return (
+            ~F.col("product_group").isin(list(layout.groups))
+            if "fallback" in layout.extra
+            else None
+        )
 
 
 register(MRNetPerGroup())
