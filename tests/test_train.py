@@ -313,13 +313,14 @@ def test_per_group_setting_must_match_the_shards(spark, built):
 
 @pytest.fixture(scope="module")
 def grouped(spark, built, tmp_path_factory) -> Config:
-    """The same catalog and vectors, sharded per product group."""
+    """The same catalog and vectors, sharded per product group; the three groups under 110
+    products (of 100-128) get no MRNet of their own."""
     workdir = tmp_path_factory.mktemp("train-groups")
     config = built.model_copy(update={"workdir": workdir})
     for stage in ("clean", "corpus"):
         shutil.copytree(built.outputs.stage(stage), config.outputs.stage(stage))
     settings = ShardConfig.model_validate(
-        {**built.shard.model_dump(), "per_group": True, "min_group_rows": 60}
+        {**built.shard.model_dump(), "per_group": True, "min_group_rows": 110}
     )
     config = config.model_copy(update={"shard": settings})
     shard.run(spark, config)
@@ -376,6 +377,13 @@ def test_per_group_models_and_group_autoencoder(spark, grouped):
     capped = embed_split(model.encoders[g], set_dir, "train", torch.device("cpu"), 32, 45)
     assert len(every) == groups[model.groups[g]]["splits"]["train"]
     assert capped.shape == (45, 16) and torch.allclose(capped, every[:45])
+
+    # Config to table: every product embedded, those of groups under shard.min_group_rows
+    # (no MRNet of their own) by the fallback group's MRNet.
+    embedded = run_stage("embed", grouped, spark)
+    names = pq.read_table(grouped.outputs.clean_catalog, columns=["product_group"]).column(0)
+    small = [name for name in names.to_pylist() if name not in groups]
+    assert embedded.rows["table"] == len(names) and embedded.rows["fallback"] == len(small) > 0
 
 
 # -- a real catalog --------------------------------------------------------------------------
