@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import pytest
 from gensim.models import KeyedVectors
 
 from pipelines.core.config import Config, load_config
-from pipelines.core.errors import EmptyVocabularyError, ProdvecError
-from pipelines.core.outputs import StageResult
+from pipelines.core.errors import CorpusError, EmptyVocabularyError, ProdvecError
+from pipelines.core.outputs import COMPLETION_RECORD, StageResult, check_corpus
 from pipelines.data.catalog import CLEAN_SCHEMA, seal_clean
 from pipelines.data.tokenizer import Vocabulary, tokenize
 from pipelines.stages.registry import run_stage
+from pipelines.training.inputs import word_vectors
 
 # Planted structure: titles and descriptions draw words from one topic each.
 TOPICS = {
@@ -240,6 +242,27 @@ def test_no_word_above_min_count_fails_clearly(
     assert isinstance(error.value, ProdvecError)
     assert "lower min_count or add fields" in str(error.value)
     assert not (config.outputs.word2vec).exists()
+
+
+def test_readers_refuse_a_corpus_output_its_stage_did_not_finish(
+    planted, spark, tmp_path, shared_tracking
+):
+    """The corpus folder is sealed last (vocabulary, vectors, neighbours with their sizes);
+    shard and train refuse it, naming it, when a file is cut short or the record is gone."""
+    source, _, _ = planted
+    config = _config(tmp_path, shared_tracking)
+    shutil.copytree(source.outputs.clean_catalog, config.outputs.clean_catalog)
+    shutil.copytree(source.outputs.corpus, config.outputs.corpus)
+    record = check_corpus(config.outputs)
+    assert {"vocabulary.parquet", "word2vec.kv", "neighbours.tsv"} <= set(record["files"])
+    vectors = max(config.outputs.corpus.glob("word2vec.kv*"), key=lambda p: p.stat().st_size)
+    with vectors.open("r+b") as handle:
+        handle.truncate(vectors.stat().st_size // 2)
+    with pytest.raises(CorpusError, match=r"corpus output .* not the one its stage sealed .* 1 of"):
+        run_stage("shard", config, spark)
+    (config.outputs.corpus / COMPLETION_RECORD).unlink()
+    with pytest.raises(CorpusError, match=r"corpus output .* has no completion record"):
+        word_vectors(config, config.outputs.shards, tmp_path)
 
 
 # --- real catalogs through the clean stage ---------------------------------------------

@@ -36,7 +36,8 @@ from pipelines.core import tracking
 from pipelines.core.config import Config, load_config
 from pipelines.core.errors import CatalogError
 from pipelines.core.faults import FAULT_VARIABLE, RELEASE_VARIABLE
-from pipelines.data.catalog import COMPLETION_RECORD, read_clean, seal_clean
+from pipelines.core.outputs import COMPLETION_RECORD
+from pipelines.data.catalog import read_clean, seal_clean
 from pipelines.data.tokenizer import PAD_ID, Vocabulary, tokenize
 from pipelines.model_types.serving import cached_model, pin, prepare_model
 from pipelines.stages import clean
@@ -372,7 +373,7 @@ def test_a_truncated_or_unsealed_clean_catalog_leaves_the_table_unchanged(spark,
     assert len(parts) > 1
     for part in parts[1:]:
         part.unlink()
-    with pytest.raises(CatalogError, match=r"is not the one clean sealed .* missing"):
+    with pytest.raises(CatalogError, match=r"is not the one its stage sealed .* missing"):
         run_stage("embed", config, spark)
     (path / COMPLETION_RECORD).unlink()
     with pytest.raises(CatalogError, match="has no completion record"):

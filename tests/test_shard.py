@@ -22,7 +22,7 @@ import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from pipelines.core.config import Config, ShardConfig, load_config
-from pipelines.core.errors import CatalogError, ShardError
+from pipelines.core.errors import CatalogError, CorpusError, ShardError
 from pipelines.data.catalog import seal_clean
 from pipelines.data.shards import FORMAT, MANIFEST, SPLITS, load_manifest, shard_sets
 from pipelines.data.tokenizer import Vocabulary, tokenize, tokenize_arrow
@@ -432,5 +432,5 @@ def test_failures_are_clear_and_keep_the_published_shards(spark, built, tmp_path
     with pytest.raises(CatalogError, match="not a clean-catalog column"):
         shard.run(spark, with_shard(config, tasks=[*TASKS, badsource]))
     elsewhere = config.model_copy(update={"workdir": tmp_path})
-    with pytest.raises(ShardError, match="run `prodvec corpus` first"):
+    with pytest.raises(CorpusError, match="has no completion record.*run `prodvec corpus`"):
         shard.run(spark, elsewhere)

@@ -11,6 +11,7 @@ __all__ = [
     "AnnotationError",
     "CatalogError",
     "ConfigError",
+    "CorpusError",
     "EmbedError",
     "EmptyVocabularyError",
     "EvaluateError",
@@ -40,6 +41,11 @@ class ConfigError(ProdvecError, ValueError):
 
 class CatalogError(ProdvecError):
     """A catalog cannot be read as configured (missing file, column, wrong type)."""
+
+
+class CorpusError(ProdvecError):
+    """The corpus stage's outputs (vocabulary, word vectors) are missing or are not the ones
+    it published."""
 
 
 class VocabularyError(ProdvecError, ValueError):

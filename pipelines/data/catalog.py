@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from pyspark.sql import types as T
 
 from pipelines.core.config import CatalogConfig, Config
 from pipelines.core.errors import CatalogError
+from pipelines.core.outputs import check_sealed, seal
 
 if TYPE_CHECKING:
     from pipelines.tasks.contract import TaskSpec
@@ -36,9 +37,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CLEAN_SCHEMA",
-    "COMPLETION_RECORD",
     "FEATURED_STAMP",
-    "check_sealed",
+    "check_sealed_clean",
     "check_sources",
     "clean_files_stamp",
     "clean_written_at",
@@ -93,51 +93,21 @@ def clean_files_stamp(path: Path) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
-COMPLETION_RECORD = "_prodvec_complete.json"
-
-
-def _part_sizes(folder: Path) -> dict[str, int]:
-    return {part.name: part.stat().st_size for part in sorted(folder.glob("part-*"))}
-
-
 def seal_clean(folder: Path, rows: int, config: Config) -> None:
     """Write `folder`'s completion record, after every part file is written."""
-    record = {
-        "rows": rows,
-        "files": _part_sizes(folder),
-        "written_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "config_hash": config.digest(),
-    }
-    (folder / COMPLETION_RECORD).write_text(json.dumps(record, indent=1))
+    seal(folder, [part.name for part in folder.glob("part-*")], rows, config.digest())
 
 
-def check_sealed(folder: Path) -> dict[str, object]:
+def check_sealed_clean(folder: Path) -> dict[str, object]:
     """`folder`'s completion record, after checking its part files are the ones it lists."""
-    record_path = folder / COMPLETION_RECORD
-    if not record_path.is_file():
-        raise CatalogError(
-            f"the clean catalog at {folder} has no completion record ({COMPLETION_RECORD}): "
-            "clean did not finish writing it; run `prodvec clean`"
-        )
-    record = json.loads(record_path.read_text())
-    found, sealed = _part_sizes(folder), record["files"]
-    if found != sealed:
-        missing = sorted(set(sealed) - set(found))
-        extra = sorted(set(found) - set(sealed))
-        resized = sorted(n for n in set(found) & set(sealed) if found[n] != sealed[n])
-        raise CatalogError(
-            f"the clean catalog at {folder} is not the one clean sealed "
-            f"({len(sealed)} part files, {record['rows']:,} rows): {len(missing)} missing, "
-            f"{len(extra)} extra, {len(resized)} of another size; run `prodvec clean`"
-        )
-    return dict(record)
+    return check_sealed(folder, "the clean catalog", "prodvec clean", CatalogError, "part-*")
 
 
 def clean_written_at(folder: Path) -> int:
     """When the sealed clean catalog in `folder` was written (its completion record's
     `written_at`, epoch ms): the monotonic stamp embed records in its commit, so an embed of
     an older catalog never overwrites what a newer one committed."""
-    written_at = str(check_sealed(folder)["written_at"])
+    written_at = str(check_sealed_clean(folder)["written_at"])
     return int(datetime.fromisoformat(written_at).timestamp() * 1000)
 
 
@@ -149,7 +119,7 @@ def read_clean(spark: SparkSession, config: Config, *, featured: bool = True) ->
     path = config.outputs.clean_catalog
     if not path.is_dir():
         raise CatalogError(f"no clean catalog at {path}: run `prodvec clean` first")
-    check_sealed(path)
+    check_sealed_clean(path)
     if featured and config.image_features.enabled:
         featured_path = config.outputs.featured_catalog
         stamp = featured_path / FEATURED_STAMP

@@ -33,7 +33,7 @@ from pyspark.sql import functions as F
 
 from pipelines.core.config import Config, Word2VecConfig
 from pipelines.core.errors import EmptyVocabularyError
-from pipelines.core.outputs import StageResult
+from pipelines.core.outputs import COMPLETION_RECORD, StageResult, seal
 from pipelines.data.catalog import read_clean
 from pipelines.data.tokenizer import Vocabulary, tokens
 
@@ -253,7 +253,8 @@ def run(spark: SparkSession, config: Config) -> StageResult:
     corpus_dir, corpus_file = out / "corpus", out / "train-corpus.txt"
     vocabulary_file, vectors_file = config.outputs.vocabulary, config.outputs.word2vec
     neighbours_file = out / "neighbours.tsv"
-    for stale in [vocabulary_file, neighbours_file, *out.glob(f"{vectors_file.name}*")]:
+    record = out / COMPLETION_RECORD  # first: readers refuse the folder until the new one
+    for stale in [record, vocabulary_file, neighbours_file, *out.glob(f"{vectors_file.name}*")]:
         stale.unlink(missing_ok=True)  # never leave a previous run's model beside a new corpus
     seconds: dict[str, float] = {}
 
@@ -296,6 +297,8 @@ def run(spark: SparkSession, config: Config) -> StageResult:
     missing = write_neighbours(model.wv, settings.probe_words, settings.neighbours, neighbours_file)
     if missing:
         log.warning("probe words not in the vocabulary: %s", ", ".join(missing))
+    published = [vocabulary_file, neighbours_file, *out.glob(f"{vectors_file.name}*")]
+    seal(out, [path.name for path in published], stats.documents, config.digest())
 
     metrics = {
         "vocabulary_size": len(vocabulary),

@@ -49,8 +49,8 @@ from pipelines.analysis.probes import (
 from pipelines.analysis.retrieval import category_retrieval
 from pipelines.analysis.sample import Sample, collect_sample
 from pipelines.core.config import Config
-from pipelines.core.errors import EvaluateError
-from pipelines.core.outputs import StageResult
+from pipelines.core.errors import CorpusError, EvaluateError
+from pipelines.core.outputs import StageResult, check_corpus
 from pipelines.data.catalog import mapped_tasks
 from pipelines.data.shards import MANIFEST, load_manifest, shard_sets
 from pipelines.model_types.registry import model_type_of
@@ -152,6 +152,15 @@ def _metric_name(*parts: Any) -> str:
     return "_".join(str(part) for part in parts)
 
 
+def _corpus_problem(config: Config) -> str | None:
+    """Why the corpus stage's word vectors cannot be read, or None."""
+    try:
+        check_corpus(config.outputs)
+    except CorpusError as err:
+        return str(err)
+    return None
+
+
 def run(spark: SparkSession, config: Config) -> StageResult:
     probes = mapped_tasks(config.catalog, config.evaluate.probes, "evaluate.probes")
     settings = config.evaluate.model_copy(update={"probes": probes})
@@ -224,20 +233,17 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         rows["head_test"] = max(row["test_rows"] for row in heads)
 
     retrieval = None
-    words = config.outputs.word2vec
+    corpus = _corpus_problem(config)
     if not settings.retrieval_queries:
         skipped.append("retrieval: evaluate.retrieval_queries is 0")
-    elif not words.is_file():
-        skipped.append(
-            f"retrieval: no word vectors at {words} to choose the queries by, independent of "
-            "the model judged (run `prodvec corpus`)"
-        )
+    elif corpus:
+        skipped.append(f"retrieval: its queries are chosen by the corpus's word vectors: {corpus}")
     else:
         retrieval, reason = category_retrieval(
             sample.vectors,
             sample.titles,
             sample.leaf_category,
-            words=KeyedVectors.load(str(words), mmap="r"),
+            words=KeyedVectors.load(str(config.outputs.word2vec), mmap="r"),
             queries=settings.retrieval_queries,
             k=settings.retrieval_k,
             seed=config.seed,

@@ -43,7 +43,7 @@ from pyspark.sql import functions as F
 
 from pipelines.core.config import Config, ShardConfig
 from pipelines.core.errors import ShardError
-from pipelines.core.outputs import StageResult, publish_folder
+from pipelines.core.outputs import StageResult, check_corpus, publish_folder
 from pipelines.data.catalog import check_sources, mapped_tasks, read_clean
 from pipelines.data.shards import (
     FORMAT,
@@ -389,10 +389,8 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         "tasks": tasks, "split": settings.split.model_copy(update={
             "stratify_by": settings.split.stratify_by if settings.split.stratify_by in by_name
             else None})})  # fmt: skip
-    vocabulary_file = config.outputs.vocabulary
-    if not vocabulary_file.is_file():
-        raise ShardError(f"no vocabulary at {vocabulary_file}: run `prodvec corpus` first")
-    vocabulary = Vocabulary.load(vocabulary_file)
+    check_corpus(config.outputs)
+    vocabulary = Vocabulary.load(config.outputs.vocabulary)
     seed = split_seed(config)
 
     group = F.col("product_group") if settings.per_group else F.lit(_NO_GROUP)
@@ -449,7 +447,7 @@ def run(spark: SparkSession, config: Config) -> StageResult:
                 )
                 for split in SPLITS
             }
-            shutil.copyfile(vocabulary_file, root / VOCABULARY_FILE)
+            shutil.copyfile(config.outputs.vocabulary, root / VOCABULARY_FILE)
             documents = None  # the titles the document frequencies count: every row
             if settings.subwords.enabled:
                 write_title_terms(spark, root)

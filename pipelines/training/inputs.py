@@ -17,6 +17,7 @@ import numpy as np
 
 from pipelines.core.config import Config
 from pipelines.core.errors import TrainingError
+from pipelines.core.outputs import check_corpus
 from pipelines.data.shards import load_manifest
 from pipelines.data.tokenizer import Vocabulary
 from pipelines.training.contrastive import ContrastiveSpec
@@ -57,9 +58,8 @@ def word_vectors(config: Config, shard_dir: Path, out: Path) -> Path:
     OOV rows zero), saved once so that every process loads the same matrix."""
     from gensim.models import KeyedVectors
 
+    check_corpus(config.outputs)
     source = config.outputs.word2vec
-    if not source.is_file():
-        raise TrainingError(f"no word vectors at {source}: run `prodvec corpus` first")
     manifest = load_manifest(shard_dir)
     vocabulary = Vocabulary.load(shard_dir / manifest["vocabulary"]["path"])
     matrix = vocabulary.embedding_matrix(KeyedVectors.load(str(source), mmap="r"))
