@@ -19,6 +19,7 @@ from torch import nn
 
 from pipelines.core.config import load_config
 from pipelines.core.errors import CatalogError, ConfigError, ImageFeaturesError
+from pipelines.core.outputs import COMPLETION_RECORD
 from pipelines.data.catalog import read_clean
 from pipelines.stages import clean, image_features
 from pipelines.stages.registry import get_stage, run_stage
@@ -140,6 +141,8 @@ def test_features_equal_the_cnn_and_missing_images_are_null_and_counted(spark, s
 
     after = read_clean(spark, cleaned).toPandas().set_index("product_id")
     assert sorted(after.index) == sorted(before.index)  # rows in = rows out
+    sealed = json.loads((Path(result.outputs["catalog"]) / COMPLETION_RECORD).read_text())
+    assert sealed["rows"] == 40 and sealed["files"]  # read_clean checks it as clean's
     for sku, status in setup["expected"].items():
         features = after.loc[sku, "image_features"]
         if status != "ok":

@@ -133,6 +133,10 @@ def read_clean(spark: SparkSession, config: Config, *, featured: bool = True) ->
                 f"the clean catalog changed after image_features ran on it: "
                 f"run `prodvec image_features` again ({featured_path})"
             )
+        check_sealed(
+            featured_path, "the image-features catalog", "prodvec image_features", CatalogError,
+            "part-*",
+        )  # fmt: skip
         path = featured_path
     return spark.read.schema(CLEAN_SCHEMA).parquet(str(path))
 
