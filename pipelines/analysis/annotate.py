@@ -425,10 +425,10 @@ def _table_vectors(config: Config, version: int | None) -> tuple[list[str], np.n
 def _titles(config: Config, ids: list[str]) -> list[str | None]:
     import pyarrow.dataset as ds
 
-    from pipelines.data.catalog import check_sealed_clean
+    from pipelines.data.catalog import check_sealed_catalog
 
     folder = config.outputs.clean_catalog
-    check_sealed_clean(folder)
+    check_sealed_catalog(folder)
     found = ds.dataset(str(folder), format="parquet").to_table(columns=["product_id", "title"])
     titles = dict(zip(found.column(0).to_pylist(), found.column(1).to_pylist(), strict=True))
     return [titles.get(product_id) for product_id in ids]

@@ -6,7 +6,7 @@ write it came from. Later stages read through `read_clean`, which picks the righ
 refuses a featured copy of an older clean catalog.
 
 A clean catalog is sealed: the clean stage writes a completion record into the folder last
-(`seal_clean`: its part files with their sizes, rows, when, the config hash), and
+(`seal_catalog`: its part files with their sizes, rows, when, the config hash), and
 `read_clean` refuses a folder without one or whose files differ from it (a half-written,
 truncated or hand-edited catalog), naming it, so no stage reads a catalog clean never
 finished; the embed stage would otherwise delete every product missing from it.
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CLEAN_SCHEMA",
     "FEATURED_STAMP",
-    "check_sealed_clean",
+    "check_sealed_catalog",
     "check_sources",
     "clean_files_stamp",
     "clean_written_at",
@@ -47,7 +47,7 @@ __all__ = [
     "mapped_tasks",
     "quarantine_counts",
     "read_clean",
-    "seal_clean",
+    "seal_catalog",
 ]
 
 # The canonical clean catalog every later stage reads.
@@ -93,21 +93,23 @@ def clean_files_stamp(path: Path) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
-def seal_clean(folder: Path, rows: int, config: Config) -> None:
-    """Write `folder`'s completion record, after every part file is written."""
+def seal_catalog(folder: Path, rows: int, config: Config) -> None:
+    """Write a catalog folder's completion record (clean's output or its image-features
+    copy), after every part file is written."""
     seal(folder, [part.name for part in folder.glob("part-*")], rows, config.digest())
 
 
-def check_sealed_clean(folder: Path) -> dict[str, object]:
-    """`folder`'s completion record, after checking its part files are the ones it lists."""
-    return check_sealed(folder, "the clean catalog", "prodvec clean", CatalogError, "part-*")
+def check_sealed_catalog(folder: Path, stage: str = "clean") -> dict[str, object]:
+    """`folder`'s completion record, after checking its part files are the ones it lists;
+    the error names the catalog and the stage (`stage`) that writes it again."""
+    return check_sealed(folder, f"the {stage} catalog", f"prodvec {stage}", CatalogError, "part-*")
 
 
 def clean_written_at(folder: Path) -> int:
     """When the sealed clean catalog in `folder` was written (its completion record's
     `written_at`, epoch ms): the monotonic stamp embed records in its commit, so an embed of
     an older catalog never overwrites what a newer one committed."""
-    written_at = str(check_sealed_clean(folder)["written_at"])
+    written_at = str(check_sealed_catalog(folder)["written_at"])
     return int(datetime.fromisoformat(written_at).timestamp() * 1000)
 
 
@@ -119,7 +121,7 @@ def read_clean(spark: SparkSession, config: Config, *, featured: bool = True) ->
     path = config.outputs.clean_catalog
     if not path.is_dir():
         raise CatalogError(f"no clean catalog at {path}: run `prodvec clean` first")
-    check_sealed_clean(path)
+    check_sealed_catalog(path)
     if featured and config.image_features.enabled:
         featured_path = config.outputs.featured_catalog
         stamp = featured_path / FEATURED_STAMP
@@ -133,10 +135,7 @@ def read_clean(spark: SparkSession, config: Config, *, featured: bool = True) ->
                 f"the clean catalog changed after image_features ran on it: "
                 f"run `prodvec image_features` again ({featured_path})"
             )
-        check_sealed(
-            featured_path, "the image-features catalog", "prodvec image_features", CatalogError,
-            "part-*",
-        )  # fmt: skip
+        check_sealed_catalog(featured_path, "image_features")
         path = featured_path
     return spark.read.schema(CLEAN_SCHEMA).parquet(str(path))
 

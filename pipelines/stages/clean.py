@@ -44,7 +44,7 @@ from pipelines.data.catalog import (
     clean_files_stamp,
     content_hash,
     read_clean,
-    seal_clean,
+    seal_catalog,
 )
 from pipelines.data.synthetic import ensure_synthetic_catalog
 
@@ -639,7 +639,7 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         raise RuntimeError(f"clean stage lost rows: {rows} (bug: please report)")
     rows["normalised"] = normalised
     rows["carried"] = rows["in"] - rows["exact_duplicates"] - normalised
-    seal_clean(catalog, rows["clean"], config)
+    seal_catalog(catalog, rows["clean"], config)
     publish_folder(catalog, outputs.clean_catalog)
     publish_folder(quarantine, outputs.quarantine)
     (hashes / _RULES_FILE).write_text(

@@ -233,10 +233,9 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         rows["head_test"] = max(row["test_rows"] for row in heads)
 
     retrieval = None
-    corpus = _corpus_problem(config)
     if not settings.retrieval_queries:
         skipped.append("retrieval: evaluate.retrieval_queries is 0")
-    elif corpus:
+    elif corpus := _corpus_problem(config):
         skipped.append(f"retrieval: its queries are chosen by the corpus's word vectors: {corpus}")
     else:
         retrieval, reason = category_retrieval(

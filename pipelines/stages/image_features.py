@@ -66,13 +66,14 @@ from pipelines.core import faults
 from pipelines.core.config import Config, ImageFeaturesConfig, inside
 from pipelines.core.devices import infer, task_inference
 from pipelines.core.errors import CatalogError, ConfigError, ImageFeaturesError
-from pipelines.core.outputs import StageResult, publish_folder, seal
+from pipelines.core.outputs import StageResult, publish_folder
 from pipelines.data.catalog import (
     CLEAN_SCHEMA,
     FEATURED_STAMP,
     clean_files_stamp,
     content_hash,
     read_clean,
+    seal_catalog,
 )
 from pipelines.stages import clean
 
@@ -505,7 +506,7 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         rows = {"in": rows_in, **{status: counts.get(status, 0) for status in STATUSES}}
         if sum(counts.values()) != rows_in:
             raise RuntimeError(f"image_features lost rows: {rows} (bug: please report)")
-        seal(staging, [part.name for part in staging.glob("part-*")], rows_in, config.digest())
+        seal_catalog(staging, rows_in, config)
         (staging / FEATURED_STAMP).write_text(
             json.dumps(
                 {
