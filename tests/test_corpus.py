@@ -18,7 +18,7 @@ from gensim.models import KeyedVectors
 from pipelines.core.config import Config, load_config
 from pipelines.core.errors import CorpusError, EmptyVocabularyError, ProdvecError
 from pipelines.core.outputs import COMPLETION_RECORD, StageResult, check_corpus
-from pipelines.data.catalog import CLEAN_SCHEMA, seal_clean
+from pipelines.data.catalog import CLEAN_SCHEMA, seal_catalog
 from pipelines.data.tokenizer import Vocabulary, tokenize
 from pipelines.stages.registry import run_stage
 from pipelines.training.inputs import word_vectors
@@ -104,7 +104,7 @@ def planted(spark, tmp_path_factory) -> tuple[Config, list[tuple], StageResult]:
     config = _config(tmp_path_factory.mktemp("planted"))
     rows = _planted_rows()
     spark.createDataFrame(rows, CLEAN_SCHEMA).write.parquet(str(config.outputs.clean_catalog))
-    seal_clean(config.outputs.clean_catalog, len(rows), config)
+    seal_catalog(config.outputs.clean_catalog, len(rows), config)
     return config, rows, run_stage("corpus", config, spark)
 
 
@@ -213,7 +213,7 @@ def test_fields_choose_the_text_that_feeds_the_corpus(planted, spark, tmp_path, 
         tmp_path, "word2vec.fields=[title, bullets]", "word2vec.algorithm=skipgram", shared_tracking
     )
     spark.createDataFrame(rows, CLEAN_SCHEMA).write.parquet(str(config.outputs.clean_catalog))
-    seal_clean(config.outputs.clean_catalog, len(rows), config)
+    seal_catalog(config.outputs.clean_catalog, len(rows), config)
     result = run_stage("corpus", config, spark)
     vocabulary = Vocabulary.load(Path(result.outputs["vocabulary"]))
     counts = _expected_counts(rows, ["title", "bullets"])
@@ -236,7 +236,7 @@ def test_no_word_above_min_count_fails_clearly(
     spark.createDataFrame([row for row in rows[:50] if row[4] is None], CLEAN_SCHEMA).write.parquet(
         str(config.outputs.clean_catalog)
     )
-    seal_clean(config.outputs.clean_catalog, 50, config)
+    seal_catalog(config.outputs.clean_catalog, 50, config)
     with pytest.raises(EmptyVocabularyError, match=message) as error:
         run_stage("corpus", config, spark)
     assert isinstance(error.value, ProdvecError)

@@ -37,7 +37,7 @@ from pipelines.core.config import Config, load_config
 from pipelines.core.errors import CatalogError
 from pipelines.core.faults import FAULT_VARIABLE, RELEASE_VARIABLE
 from pipelines.core.outputs import COMPLETION_RECORD
-from pipelines.data.catalog import read_clean, seal_clean
+from pipelines.data.catalog import read_clean, seal_catalog
 from pipelines.data.tokenizer import PAD_ID, Vocabulary, tokenize
 from pipelines.model_types.serving import cached_model, pin, prepare_model
 from pipelines.stages import clean
@@ -217,7 +217,7 @@ def test_incremental_then_full_refresh(spark, base, tmp_path):
     shutil.rmtree(path)
     path.mkdir()
     pq.write_table(catalog, path / "part-0.parquet")
-    seal_clean(path, catalog.num_rows, config)
+    seal_catalog(path, catalog.num_rows, config)
 
     third = run_stage("embed", config, spark)
     after = table_rows(config)
@@ -302,16 +302,24 @@ def test_adhoc_command_one_row_per_input_row(spark, base, tmp_path, capsys):
     assert ok[2]["title"] == "unicode headphones"
 
 
+def _group_encoder(
+    vocabulary: Vocabulary, groups: list[str], seed: int, fallback: str | None = None
+) -> GroupEncoder:
+    """A per-group model with one random 8-d MRNet per group."""
+    torch.manual_seed(seed)
+    return GroupEncoder(
+        groups,
+        [_mrnet(vocabulary, 10 * seed + i) for i in range(len(groups))],
+        GroupSparseAutoencoder(len(groups), 8),
+        MAX_LEN,
+        fallback=fallback,
+    )
+
+
 def test_group_model(spark, base, tmp_path):
     config, vocabulary, _ = base
     groups = sorted(set(catalog_rows(config)["product_group"].to_pylist()))
-    torch.manual_seed(3)
-    module = GroupEncoder(
-        groups,
-        [_mrnet(vocabulary, 10 + i) for i in range(len(groups))],
-        GroupSparseAutoencoder(len(groups), 8),
-        MAX_LEN,
-    )
+    module = _group_encoder(vocabulary, groups, 3)
     uri = register(config, module, "prodvec-mrnet-pg-synthetic", group=True)
     config = scratch(config, tmp_path, f"embed.model_uri={uri}")
     result = run_stage("embed", config, spark)
@@ -337,14 +345,7 @@ def test_products_of_a_group_without_an_mrnet_are_embedded_by_the_fallback_group
     names = catalog["product_group"].to_pylist()
     small = min(set(names), key=names.count)
     groups = sorted(set(names) - {small})
-    torch.manual_seed(4)
-    module = GroupEncoder(
-        groups,
-        [_mrnet(vocabulary, 20 + i) for i in range(len(groups))],
-        GroupSparseAutoencoder(len(groups), 8),
-        MAX_LEN,
-        fallback=groups[-1],
-    )
+    module = _group_encoder(vocabulary, groups, 4, fallback=groups[-1])
     uri = register(config, module, "prodvec-mrnet-pg-fallback", group=True)
     config = scratch(config, tmp_path, f"embed.model_uri={uri}")
     result = run_stage("embed", config, spark)
@@ -444,7 +445,7 @@ def _write_catalog(config: Config, catalog: pa.Table, written_at_s: int) -> None
     shutil.rmtree(path)
     path.mkdir()
     pq.write_table(catalog, path / "part-0.parquet")
-    seal_clean(path, catalog.num_rows, config)
+    seal_catalog(path, catalog.num_rows, config)
     record = json.loads((path / COMPLETION_RECORD).read_text())
     record["written_at"] = datetime.fromtimestamp(written_at_s, UTC).isoformat()
     (path / COMPLETION_RECORD).write_text(json.dumps(record))

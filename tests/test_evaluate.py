@@ -191,6 +191,19 @@ def _title_words(sample: Sample) -> KeyedVectors:
     return vectors
 
 
+def _retrieval(sample: Sample, vectors: np.ndarray, queries: int = 12):
+    return category_retrieval(
+        vectors,
+        sample.titles,
+        sample.leaf_category,
+        words=_title_words(sample),
+        queries=queries,
+        k=5,
+        seed=0,
+        tfidf_max_features=100,
+    )
+
+
 def test_retrieval_queries_are_the_titles_choice_spread_over_leaf_categories():
     """eProduct 3.1: the same queries whichever embeddings are judged (k-means++ over the
     titles' word vectors), dealt evenly over the leaf categories."""
@@ -198,16 +211,7 @@ def test_retrieval_queries_are_the_titles_choice_spread_over_leaf_categories():
     chosen = []
     for seed in (1, 2):
         vectors = np.random.default_rng(seed).normal(size=sample.vectors.shape)
-        report, reason = category_retrieval(
-            vectors.astype(np.float32),
-            sample.titles,
-            sample.leaf_category,
-            words=_title_words(sample),
-            queries=12,
-            k=5,
-            seed=0,
-            tfidf_max_features=100,
-        )
+        report, reason = _retrieval(sample, vectors.astype(np.float32))
         assert reason is None
         chosen.append(report["query_rows"])
     assert chosen[0] == chosen[1] and len(set(chosen[0])) == 12
@@ -226,16 +230,7 @@ def test_category_retrieval_scores_what_carries_the_category(
     vectors_follow, titles_follow, embedding, tfidf
 ):
     sample = _retrieval_sample(vectors_follow, titles_follow)
-    report, reason = category_retrieval(
-        sample.vectors,
-        sample.titles,
-        sample.leaf_category,
-        words=_title_words(sample),
-        queries=12,
-        k=5,
-        seed=0,
-        tfidf_max_features=100,
-    )
+    report, reason = _retrieval(sample, sample.vectors)
     assert reason is None and report["queries"] == 12 and report["k"] == 5
     for features, expected in (("embedding", embedding), ("tfidf", tfidf)):
         value = report[f"mar_at_k_{features}"]
@@ -252,16 +247,7 @@ def test_category_retrieval_needs_shared_categories():
         {},
         sample.vectors,
     )
-    report, reason = category_retrieval(
-        unique.vectors,
-        unique.titles,
-        unique.leaf_category,
-        words=_title_words(unique),
-        queries=10,
-        k=5,
-        seed=0,
-        tfidf_max_features=100,
-    )
+    report, reason = _retrieval(unique, unique.vectors, queries=10)
     assert report is None and "0 sampled products share a leaf category" in reason
 
 

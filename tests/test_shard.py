@@ -23,7 +23,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from pipelines.core.config import Config, ShardConfig, load_config
 from pipelines.core.errors import CatalogError, CorpusError, ShardError
-from pipelines.data.catalog import seal_clean
+from pipelines.data.catalog import seal_catalog
 from pipelines.data.shards import FORMAT, MANIFEST, SPLITS, load_manifest, shard_sets
 from pipelines.data.tokenizer import Vocabulary, tokenize, tokenize_arrow
 from pipelines.stages import clean, corpus, shard
@@ -400,7 +400,7 @@ def test_image_features_have_one_length_and_a_missing_flag(spark, built, tmp_pat
             "catalog": config.catalog.model_copy(update={"columns": columns}),
         }
     )
-    seal_clean(imaged.outputs.clean_catalog, catalog.num_rows, imaged)
+    seal_catalog(imaged.outputs.clean_catalog, catalog.num_rows, imaged)
     shard.run(spark, with_shard(imaged, tasks=TASKS[:2]))
     root = imaged.outputs.shards
     assert load_manifest(root)["image_features"] == {"dim": 4}
