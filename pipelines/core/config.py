@@ -42,6 +42,7 @@ __all__ = [
     "ColumnMap",
     "Config",
     "ContrastiveConfig",
+    "CrossLocaleConfig",
     "EmbedConfig",
     "EvaluateConfig",
     "FinetuneConfig",
@@ -98,6 +99,9 @@ class SyntheticConfig(Strict):
 
     rows: int = Field(20_000, ge=10)
     seed: int = 7
+    # Each product listed a second time in this locale, its texts word by word in a generated
+    # language (brands and numbers kept), sharing a `global_id` column: a two-locale catalog.
+    translated_locale: str | None = None
     dirty_fraction: float = Field(0.03, ge=0.0, le=0.5)
 
 
@@ -520,6 +524,37 @@ class ImageFeaturesConfig(Strict):
         return self
 
 
+class CrossLocaleConfig(Strict):
+    """The optional cross_locale stage (MRNet section 5): an autoencoder trained on products
+    listed in two locales maps both locales' embeddings into one space, written as a table of
+    its own. Off unless `enabled`. The same product in both locales is known from a mapping
+    file (`pairs`) or an attribute both listings share (`pair_attribute`)."""
+
+    enabled: bool = False  # false: `prodvec run` skips the stage
+    locales: tuple[str, str] | None = None  # the two clean-catalog `locale` values
+    # CSV with a header naming the two locales, one pair of product ids per row
+    pairs: str | None = None
+    pair_attribute: str | None = None  # a clean-catalog attributes key, e.g. global_id
+    holdout: float = Field(0.1, gt=0.0, lt=0.5)  # pairs kept out of training for the report
+    max_pairs: int = Field(500_000, ge=10)  # a seeded sample of pairs trains beyond this
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=1)  # the paper's
+    lr: float = Field(0.001, gt=0)
+    seed: int | None = None  # None: the top-level seed
+
+    @model_validator(mode="after")
+    def _pairing_given(self) -> CrossLocaleConfig:
+        if not self.enabled:
+            return self
+        if self.locales is None or self.locales[0] == self.locales[1]:
+            raise ValueError(
+                "cross_locale.locales names two different locales, e.g. [en_GB, fr_FR]"
+            )
+        if (self.pairs is None) == (self.pair_attribute is None):
+            raise ValueError("cross_locale needs exactly one of 'pairs' or 'pair_attribute'")
+        return self
+
+
 class PathsConfig(Strict):
     """Where configured files may live. Empty (the laptop default): anywhere. A cluster lists
     its roots (conf/cluster.yaml), so a typo or a hostile overlay cannot point a stage at
@@ -543,6 +578,7 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     index: IndexConfig = IndexConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    cross_locale: CrossLocaleConfig = CrossLocaleConfig()
     _secrets: frozenset[str] = PrivateAttr(default_factory=frozenset)
     _workdir_from_files: Path | None = PrivateAttr(None)
 
@@ -772,6 +808,7 @@ def confine_paths(config: Config) -> None:
         "tracking.artifact_location": config.tracking.artifact_location,
         "image_features.backbone.weights": config.image_features.backbone.weights,
         "image_features.image_root": config.image_features.image_root,
+        "cross_locale.pairs": config.cross_locale.pairs,
         **{
             f"catalog.lookups[{i}].path": lookup.path
             for i, lookup in enumerate(config.catalog.lookups)

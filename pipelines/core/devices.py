@@ -1,15 +1,31 @@
 """Torch inside a Spark task: the device rule and the chunked forward pass every inference
 stage (embed, image_features) shares, so a GPU Spark assigned is the GPU the model uses and
-a CPU task does not oversubscribe its core."""
+a CPU task does not oversubscribe its core; and `torch_threads` for torch work in the driver."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from pyspark import TaskContext
 from torch import nn
 
-__all__ = ["infer", "task_device", "task_inference"]
+__all__ = ["infer", "task_device", "task_inference", "torch_threads"]
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count for the block, the driver's own restored after. Small
+    models want 1: on a busy machine a second thread spins more than it works (the
+    cross-locale autoencoder's epoch took 24 s on 2 threads and 1 s on one, both cores busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def task_device() -> torch.device:

@@ -12,6 +12,7 @@ __all__ = [
     "CatalogError",
     "ConfigError",
     "CorpusError",
+    "CrossLocaleError",
     "EmbedError",
     "EmptyVocabularyError",
     "EvaluateError",
@@ -99,6 +100,12 @@ class EvaluateError(ProdvecError):
 
 class ImageFeaturesError(ProdvecError):
     """The image backbone cannot be loaded, vetted or run as configured."""
+
+
+class CrossLocaleError(ProdvecError):
+    """The cross-locale stage cannot pair the two locales' products as configured (no
+    embedding table of the current catalog, too few pairs, a pairs file without the locales'
+    columns)."""
 
 
 class AnnotationError(ProdvecError):

@@ -96,6 +96,17 @@ class Outputs:
         """The embedding table: `embed.table_path`, or `<workdir>/<catalog>/embed/table`."""
         return self.table_path or str(self.stage("embed") / "table")
 
+    @property
+    def cross_locale_table(self) -> str:
+        """The locale-agnostic embeddings (the optional cross_locale stage), a table of its own
+        beside the embedding table."""
+        return str(self.stage("cross_locale") / "table")
+
+    @property
+    def rejected_pairs(self) -> Path:
+        """Rows of the cross_locale stage's pairs file it could not use, each with its reason."""
+        return self.stage("cross_locale") / "rejected_pairs"
+
     def evaluation(self, version: int) -> Path:
         """The evaluate stage's reports on one table version."""
         return self.stage("evaluate") / f"v{version}"

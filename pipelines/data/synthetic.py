@@ -15,7 +15,9 @@ in a few seconds.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -55,6 +57,9 @@ __all__ = [
     "ensure_synthetic_catalog",
     "generate_catalog",
     "load_taxonomy",
+    "pseudo_word",
+    "translate",
+    "with_translated_locale",
     "write_catalog",
 ]
 
@@ -649,6 +654,54 @@ def generate_catalog(rows: int, seed: int, dirty_fraction: float) -> pd.DataFram
     return pd.DataFrame(columns)
 
 
+SYLLABLES = (
+    "ba", "ce", "di", "fo", "gu", "la", "me", "ni", "po", "ru", "sa", "te", "vi", "zo", "que", "lle",
+)  # fmt: skip
+TRANSLATED = ("name", "description", "bullets")  # the texts a second locale writes its own way
+_WORD = re.compile(r"(\W*)([^\W\d_]+)(.*)", re.DOTALL)  # punctuation, letters, the rest
+
+
+def pseudo_word(word: str) -> str:
+    """`word` (lower case) in the generated language: four syllables drawn from its hash, the
+    same on every run and machine."""
+    digest = hashlib.blake2b(word.encode(), digest_size=4).digest()
+    return "".join(SYLLABLES[byte % len(SYLLABLES)] for byte in digest)
+
+
+def translate(texts: np.ndarray, keep: frozenset[str]) -> np.ndarray:
+    """Each text word by word into the generated language, as a catalog in another language
+    would write it: words of `keep` (brand names, lower case), numbers and codes stay; a
+    capital stays; punctuation around a word stays. One dictionary lookup per distinct word."""
+    words = pd.Series(texts, dtype=object).str.split(" ", regex=False).explode()
+
+    def word_in_locale(word: str) -> str:
+        match = _WORD.fullmatch(word)
+        if match is None or word.lower() in keep or match.group(2).lower() in keep:
+            return word
+        before, letters, rest = match.groups()
+        new = pseudo_word(letters.lower())
+        return before + (new.capitalize() if letters[0].isupper() else new) + rest
+
+    mapping = {word: word_in_locale(word) for word in words.dropna().unique()}
+    joined = words.map(mapping).fillna("").groupby(level=0).agg(" ".join)
+    return joined.to_numpy(dtype=object)
+
+
+def with_translated_locale(frame: pd.DataFrame, locale: str) -> pd.DataFrame:
+    """`frame` and every product listed again in `locale`: its texts translated (`translate`),
+    its sku suffixed with the locale; both listings share a `global_id` column (the original
+    sku), which is how a marketplace knows the two are one product."""
+    brands = [*(b for group in TAXONOMY for b, _ in group.brands), *ACCENTED_BRANDS]
+    keep = frozenset(word.lower() for brand in brands for word in brand.split())
+    second = frame.copy()
+    for column in TRANSLATED:
+        second[column] = translate(frame[column].to_numpy(dtype=object), keep)
+    second["sku"] = frame["sku"] + "-" + locale
+    second["locale"] = locale
+    both = pd.concat([frame.assign(global_id=frame["sku"]), second.assign(global_id=frame["sku"])])
+    return both.reset_index(drop=True)
+
+
 def write_catalog(frame: pd.DataFrame, path: Path, fmt: str, *, keep_defect: bool = False) -> None:
     """Write as a source system would: CSV (minimal quoting, doubled quotes, UTF-8), JSON lines
     or Parquet, all columns strings. `defect` is ground truth for tests, not catalog data, so it
@@ -669,13 +722,17 @@ def write_catalog(frame: pd.DataFrame, path: Path, fmt: str, *, keep_defect: boo
 def ensure_synthetic_catalog(config: SyntheticConfig, directory: Path) -> Path:
     """The CSV for `config`, generated on first use. The name carries every parameter, so an
     existing file is the right one and is reused as is."""
-    path = directory / f"catalog-{config.rows}-{config.seed}-{config.dirty_fraction}.csv"
+    locale = f"-{config.translated_locale}" if config.translated_locale else ""
+    name = f"catalog-{config.rows}-{config.seed}-{config.dirty_fraction}{locale}.csv"
+    path = directory / name
     if path.exists():
         return path
     directory.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         frame = generate_catalog(config.rows, config.seed, config.dirty_fraction)
+        if config.translated_locale:
+            frame = with_translated_locale(frame, config.translated_locale)
         write_catalog(frame, partial, "csv")
         os.replace(partial, path)  # atomic: a reader never sees half a catalog
     finally:

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import mlflow
-import numpy as np
 import pyarrow as pa
 from pyspark import StorageLevel
 from pyspark.accumulators import Accumulator
@@ -61,6 +60,7 @@ from pipelines.model_types.serving import (
 )
 from pipelines.stages import clean
 from pipelines.table import EmbeddingTable
+from pipelines.table.contract import vector_array
 from pipelines.table.refresh import ChangeLimits, RefreshSource
 
 __all__ = ["EMBEDDING", "embed_file", "embed_frame", "infer_format", "run", "ship"]
@@ -68,7 +68,6 @@ __all__ = ["EMBEDDING", "embed_file", "embed_frame", "infer_format", "run", "shi
 log = logging.getLogger(__name__)
 
 EMBEDDING = T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False))
-_VECTOR = pa.list_(pa.field("element", pa.float32(), nullable=False))
 _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json"}
 
 
@@ -91,14 +90,6 @@ def _replace(spec: ModelSpec, **changes: Any) -> ModelSpec:
 # ---- the workers: one model per Python worker, Arrow batches in and out ---------------------
 
 
-def _vectors(embeddings: np.ndarray, rows: int) -> pa.ListArray:
-    """list<float32> over the flat buffer: offsets and values, no per-row Python."""
-    width = embeddings.shape[1] if rows else 0
-    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
-    values = pa.array(embeddings.reshape(-1), type=pa.float32())
-    return pa.ListArray.from_arrays(offsets, values, type=_VECTOR)
-
-
 def _embed_batches(
     batches: Iterator[pa.RecordBatch], spec: ModelSpec, carry: list[str], loads: Accumulator[int]
 ) -> Iterator[pa.RecordBatch]:
@@ -110,7 +101,7 @@ def _embed_batches(
         loads.add(int(cached_model(spec, device)[2]))
         embeddings = embed_batch(spec, batch, device, size)
         return pa.RecordBatch.from_arrays(
-            [*(batch.column(name) for name in carry), _vectors(embeddings, batch.num_rows)],
+            [*(batch.column(name) for name in carry), vector_array(embeddings, batch.num_rows)],
             names=[*carry, EMBEDDING.name],
         )
 

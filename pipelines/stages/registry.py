@@ -1,7 +1,7 @@
 """The stage registry and the runner that wraps every stage in its MLflow run.
 
-Data flows one way: clean -> [image_features] -> corpus -> shard -> train -> embed -> index ->
-evaluate. Each stage module exposes `run(spark, config) -> StageResult` and is imported only
+Data flows one way: clean -> [image_features] -> corpus -> shard -> train -> embed ->
+[cross_locale] -> index -> evaluate. Each stage module exposes `run(spark, config) -> StageResult` and is imported only
 when it runs, so a stage's heavy imports (torch, gensim) stay out of the others. An optional
 stage (`enabled_by` names its switch) runs only when its config enables it.
 """
@@ -59,6 +59,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("shard", "tokenised, labelled, split Parquet training shards", "pipelines.stages.shard"),
     Stage("train", "MRNet / master model, data-parallel from Spark", "pipelines.stages.train"),
     Stage("embed", "distributed inference into a versioned Delta table", "pipelines.stages.embed"),
+    Stage(
+        "cross_locale",
+        "optional: one embedding space for two locales' products (MRNet section 5)",
+        "pipelines.stages.cross_locale",
+        enabled_by="cross_locale.enabled",
+    ),
     Stage("index", "faiss index per table version, recall@10 vs exact", "pipelines.stages.index"),
     Stage(
         "evaluate", "probes vs TF-IDF, head reports, pictures, drift", "pipelines.stages.evaluate"

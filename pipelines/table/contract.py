@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame
@@ -35,6 +36,7 @@ __all__ = [
     "file_stats",
     "model_names",
     "row_metrics",
+    "vector_array",
 ]
 
 COLUMNS = ("product_id", "embedding", "model_name", "model_version", "content_hash", "embedded_at")
@@ -82,6 +84,15 @@ class DataFile:
     mtime_ms: int
     rows: int
     stats: str
+
+
+def vector_array(embeddings: np.ndarray, rows: int) -> pa.ListArray:
+    """The table's `embedding` column for `rows` embeddings ([rows, dim], float32) over their
+    flat buffer: offsets and values, no per-row Python."""
+    width = embeddings.shape[1] if rows else 0
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
+    values = pa.array(embeddings.reshape(-1), type=pa.float32())
+    return pa.ListArray.from_arrays(offsets, values, type=TABLE_SCHEMA.field("embedding").type)
 
 
 def model_names(models: set[tuple[str, str]]) -> str:

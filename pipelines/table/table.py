@@ -131,6 +131,12 @@ class EmbeddingTable:
             return spark.createDataFrame([], SPARK_SCHEMA)
         return self.files.read(spark, SPARK_SCHEMA, list(files))
 
+    def committed(self, app_id: str) -> bool:
+        """Whether a run with this application id already committed (a retried driver's work
+        is done)."""
+        table = self.files.open()
+        return table is not None and table.transaction_version(app_id) is not None
+
     def commit_info(self, version: int | None = None) -> dict[str, Any]:
         """The prodvec metadata (model, run, config hash, counts) a commit recorded."""
         table = self.files.open()

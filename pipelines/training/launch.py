@@ -21,6 +21,7 @@ import torch
 from pyspark.sql import SparkSession
 
 from pipelines.core.config import TrainConfig
+from pipelines.core.devices import torch_threads
 from pipelines.core.errors import TrainingError
 from pipelines.training.loop import (
     BEST,
@@ -171,11 +172,8 @@ def train_model(
         (run_dir / name).unlink(missing_ok=True)
     with progress_bar(run_dir, spec.progress):
         if launch.mode == "driver":
-            threads = torch.get_num_threads()
-            try:
+            with torch_threads(spec.threads):
                 train_process(spec, factory, objective)
-            finally:
-                torch.set_num_threads(threads)
         else:
             from pyspark.ml.torch.distributor import TorchDistributor
 
