@@ -10,6 +10,7 @@ import json
 import zipfile
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -314,3 +315,71 @@ def test_image_reads_stay_under_the_root_and_the_size_bound(tmp_path):
     assert statuses == ["ok", "too_large", *["outside_root"] * 5] and images.shape == (1, 3, 8, 8)
     unrooted = image_features.BackboneSpec(**{**spec.__dict__, "image_root": None})
     assert image_features.load_images(["/dev/zero"], unrooted)[1] == ["too_large"]
+
+
+WORDS = ["lamp", "chair", "mug", "towel", "vase", "rug", "desk", "bowl", "shelf", "clock"]
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 30),
+}
+
+
+@pytest.mark.slow
+def test_the_master_models_image_branch_trains_end_to_end(spark, tmp_path, shared_tracking):
+    """Products whose titles say nothing of their class and whose images show it (a colour
+    per class): clean -> image_features -> corpus -> shard -> train (ProductNet) learns the
+    class from the image branch alone."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(240):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        noise = rng.integers(-25, 26, (SIZE, SIZE, 3))
+        pixels = np.clip(np.array(COLOURS[colour]) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"p{i}.png")
+        name = " ".join(rng.choice(WORDS, 3))  # no number: its subwords would give i % 4 away
+        rows.append({"sku": f"p{i}", "name": name, "category": colour, "image": f"p{i}.png"})
+    pd.DataFrame(rows).to_csv(tmp_path / "catalog.csv", index=False)
+    module = tiny_cnn()
+    catalog = (
+        f"catalog={{name: colours, format: csv, path: '{tmp_path / 'catalog.csv'}', "
+        "columns: {product_id: sku, title: name, category_path: category}}"
+    )
+    config = load_config(
+        overrides=[
+            f"workdir={tmp_path / 'work'}",
+            shared_tracking,
+            catalog,
+            "image_features.enabled=true",
+            "image_features.path_column=image",
+            f"image_features.image_root={images}",
+            f"image_features.image_size={SIZE}",
+            f"image_features.backbone.weights={export(module, tmp_path / 'cnn.pt2')}",
+            "shard.tasks=[{name: colour, kind: multiclass, source: 'category_path[0]', top_n: 10}]",
+            "shard.split.stratify_by=colour",
+            "word2vec.min_count=1",
+            "word2vec.dims=8",
+            "train.model=productnet",
+            "train.tasks=[colour]",
+            "train.embedding_size=8",
+            "train.batch_size=16",
+            "train.epochs=8",
+            "train.lr=0.01",
+            "train.contrastive.weight=0",
+            "train.distributed=false",
+            "train.productnet.field_size=8",
+            "train.productnet.hidden_size=16",
+            "train.productnet.image_size=8",
+        ]
+    )
+    for stage in ("clean", "image_features", "corpus", "shard"):
+        run_stage(stage, config, spark)
+    result = run_stage("train", config, spark)
+    history = json.loads((config.outputs.training / "model" / "history.json").read_text())
+    best = max(row["val_colour_accuracy"] for row in history)
+    assert best >= 0.9, history  # the titles alone give 0.25
+    served = mlflow.pytorch.load_model(result.outputs["registered_model"])
+    assert served.image_dim == 16  # the CNN's features reached the model
