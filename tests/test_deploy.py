@@ -576,3 +576,36 @@ def test_dockerfiles_build_the_job_image(dockerfile, torch_index):
     assert ("[gpu]" in text) == dockerfile.endswith(".gpu")
     for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.MULTILINE):
         assert list(REPO.glob(source)) or source.startswith("dist/"), source
+
+
+def test_the_embed_manifest_commits_under_its_applications_name(monkeypatch):
+    """A retried driver commits under the id of the first try: the application's name, which
+    the operator puts on the driver as a label, reaches embed.app_id through the environment."""
+    spec = yaml.safe_load((DEPLOY / "k8s" / "embed.yaml").read_text())["spec"]
+    override = next(arg for arg in spec["arguments"] if arg.startswith("embed.app_id="))
+    variable = re.fullmatch(r"embed\.app_id=\$\{(\w+)\}", override).group(1)
+    source = next(item for item in spec["driver"]["env"] if item["name"] == variable)
+    label = "metadata.labels['sparkoperator.k8s.io/app-name']"
+    assert source["valueFrom"]["fieldRef"]["fieldPath"] == label
+    monkeypatch.setenv(variable, "prodvec-embed-1733529600")
+    config = load_config(["cluster"], [override])
+    assert config.embed.app_id == "prodvec-embed-1733529600"
+
+
+def test_the_gpu_image_has_faiss_gpu_instead_of_faiss_cpu():
+    """Both wheels install the `faiss` module: the GPU image removes faiss-cpu, installs the
+    [gpu] extra's faiss-gpu again over the files they shared, and fails its build without GPU
+    support; the CPU image never sees faiss-gpu."""
+    gpu_extra = re.search(
+        r"^gpu =\s*\n\s+(faiss-gpu\S+)", (REPO / "setup.cfg").read_text(), re.MULTILINE
+    )
+    text = (DEPLOY / "docker" / "Dockerfile.gpu").read_text()
+    steps = [
+        '"$(ls /tmp/prodvec-*.whl)[gpu]"',
+        "pip uninstall -y faiss-cpu",
+        f'--force-reinstall --no-deps "{gpu_extra.group(1)}"',
+        "hasattr(faiss, 'StandardGpuResources')",
+    ]
+    where = [text.find(step) for step in steps]
+    assert -1 not in where and where == sorted(where), dict(zip(steps, where, strict=True))
+    assert "faiss-gpu" not in (DEPLOY / "docker" / "Dockerfile").read_text()
