@@ -102,6 +102,7 @@ CLEAN_ARROW = pa.schema(
         pa.field("description", pa.string()),
         pa.field("bullets", pa.list_(pa.string())),
         pa.field("brand", pa.string()),
+        pa.field("keywords", pa.list_(pa.string())),
         pa.field("category_path", pa.list_(pa.string())),
         pa.field("price", pa.float64()),
         pa.field("currency", pa.string()),
@@ -341,7 +342,8 @@ def pandas_clean(csv: Path, out: Path, config: Config) -> dict[str, int]:
     content += np.array(
         ["" if item is None else ',"bullets":' + item for item in bullets.json(kept)], dtype=object
     )
-    content += (',"brand":"' + brand.iloc[kept] + '"').fillna("").to_numpy() + "}"
+    content += (',"brand":"' + brand.iloc[kept] + '"').fillna("").to_numpy()
+    content += (',"product_group":"' + group.iloc[kept] + '"}').to_numpy()
     hashes = [hashlib.sha256(item.encode()).hexdigest() for item in content]
     keys = np.tile(np.array(names, dtype=object), len(kept))
     chosen = present[kept]
@@ -365,6 +367,7 @@ def pandas_clean(csv: Path, out: Path, config: Config) -> dict[str, int]:
             strings(description.iloc[kept]),
             bullets.to_arrow(kept),
             strings(brand.iloc[kept]),
+            pa.nulls(len(kept), pa.list_(pa.string())),  # the synthetic catalog has no keywords
             path.to_arrow(kept),
             pa.array(amount_kept, type=pa.float64(), mask=np.isnan(amount_kept)),
             strings(price["currency"].to_numpy()[kept]),

@@ -38,6 +38,7 @@ FIELD_ENCODERS = {
     "description": "dpcnn",
     "bullets": "dpcnn",
     "brand": "bag",
+    "keywords": "bag",
 }
 BIGRAM_PRIME = 1_000_003  # bigram hash: (a * prime + b) mod buckets, no overflow in int64
 

@@ -214,19 +214,41 @@ def test_content_hash_changes_with_what_a_model_reads_and_the_group(spark):
         "description": None,
         "bullets": ["cotton"],
         "brand": "acme",
+        "keywords": None,
         "image_features": None,
         "product_group": "clothing",
         "price": 5.0,
     }
     variants = [base, {**base, "product_group": "sports"}, {**base, "price": 9.0}]
-    variants += [{**base, "title": "red shirt"}]
+    variants += [{**base, "title": "red shirt"}, {**base, "keywords": ["summer"]}]
     frame = spark.createDataFrame(
         variants,
         "title string, description string, bullets array<string>, brand string, "
-        "image_features array<float>, product_group string, price double",
+        "keywords array<string>, image_features array<float>, product_group string, price double",
     )
     hashes = [row[0] for row in frame.select(content_hash()).collect()]
     assert hashes[0] != hashes[1] and hashes[0] == hashes[2] and hashes[0] != hashes[3]
+    assert hashes[4] != hashes[0]
+
+
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        ("[color, material]", ["blue", "linen"]),  # one keyword type a column
+        ("bullets", ["breathable", "machine wash"]),  # one column, a list
+    ],
+)
+def test_keywords_come_from_one_list_column_or_one_column_a_type(
+    spark, tmp_path, mapping, expected
+):
+    path = tmp_path / "catalog.csv"
+    _write_rows(path, [row("k1", material=" Linen "), row("k2", color="", material="")])
+    result = clean.run(
+        spark, catalog_config(path, tmp_path / "work", "csv", f"catalog.columns.keywords={mapping}")
+    )
+    keywords = {r["product_id"]: r["keywords"] for r in _published(spark, result)[0]}
+    assert keywords["k1"] == expected
+    assert keywords["k2"] == ([] if mapping.startswith("[") else expected)  # blanks left out
 
 
 @pytest.mark.parametrize("fmt", ["json", "parquet"])

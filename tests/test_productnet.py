@@ -343,7 +343,8 @@ ROWS = 600
 
 @pytest.fixture(scope="module")
 def trained(spark, tmp_path_factory) -> tuple[Config, dict]:
-    """A tiny master model over four text fields, trained and fine-tuned by the train stage."""
+    """A tiny master model over five text fields (keywords from two catalog columns), trained
+    and fine-tuned by the train stage."""
     workdir = tmp_path_factory.mktemp("productnet")
     config = load_config(
         overrides=[
@@ -354,7 +355,9 @@ def trained(spark, tmp_path_factory) -> tuple[Config, dict]:
             "word2vec.min_count=2",
             "word2vec.dims=8",
             "shard.row_group_rows=64",
-            "shard.text_fields={title: 12, description: 24, bullets: 16, brand: 3}",
+            # the paper's keyword fields, here two of the synthetic catalog's columns
+            "catalog.columns.keywords=[color, material]",
+            "shard.text_fields={title: 12, description: 24, bullets: 16, brand: 3, keywords: 4}",
             "train.model=productnet",
             "train.tasks=[subcategory]",
             "train.embedding_size=12",
@@ -385,6 +388,7 @@ def test_balanced_subset_keeps_at_most_k_rows_a_class(trained, tmp_path) -> None
     shard_dir = config.outputs.shards
     manifest = load_manifest(shard_dir)
     train = pq.read_table([shard_dir / f["path"] for f in manifest["files"]["train"]]).to_pandas()
+    assert all(ids[0] != 0 for ids in train["keywords_ids"])  # colour and material, tokenised
     subset_dir = balanced_subset(
         shard_dir, tmp_path / "subset", "subcategory", 3, seed=5, row_group_rows=16
     )
@@ -446,7 +450,13 @@ def test_train_stage_trains_fine_tunes_and_registers(trained) -> None:
     assert sorted(m.step for m in steps) == [0, 1, 2]
     served = mlflow.pytorch.load_model(f"models:/{name}@{CANDIDATE}")
     assert isinstance(served, ProductNetEncoder)
-    assert [field for field, _ in served.fields] == ["title", "description", "bullets", "brand"]
+    assert [field for field, _ in served.fields] == [
+        "title",
+        "description",
+        "bullets",
+        "brand",
+        "keywords",
+    ]
 
 
 @pytest.mark.slow

@@ -113,6 +113,9 @@ class ColumnMap(Strict):
     description: str | None = None
     bullets: str | None = None
     brand: str | None = None
+    # ProductNet's keyword fields: one column (a list, split like bullets) or one per keyword
+    # type (the paper has three), each type an item of the clean catalog's `keywords`
+    keywords: str | list[str] | None = None
     category_path: str | list[str] | None = None  # one path column, or one column per level
     price: str | None = None
     currency: str | None = None
@@ -189,7 +192,7 @@ class Word2VecConfig(Strict):
         return self
 
 
-TextField = Literal["title", "description", "bullets", "brand"]
+TextField = Literal["title", "description", "bullets", "brand", "keywords"]
 CorpusField = Literal["title", "description", "bullets"]
 
 

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CLEAN_SCHEMA",
     "FEATURED_STAMP",
+    "TEXT_LISTS",
     "check_sealed_catalog",
     "check_sources",
     "clean_files_stamp",
@@ -59,6 +60,7 @@ CLEAN_SCHEMA = T.StructType(
         T.StructField("description", T.StringType(), True),
         T.StructField("bullets", T.ArrayType(T.StringType()), True),
         T.StructField("brand", T.StringType(), True),
+        T.StructField("keywords", T.ArrayType(T.StringType()), True),
         T.StructField("category_path", T.ArrayType(T.StringType()), True),
         T.StructField("price", T.DoubleType(), True),
         T.StructField("currency", T.StringType(), True),
@@ -71,6 +73,9 @@ CLEAN_SCHEMA = T.StructType(
     ]
 )
 
+# Clean-catalog text fields held as lists of strings: the tokenizer reads them joined by a space.
+TEXT_LISTS = ("bullets", "keywords")
+
 # Written by the image_features stage inside its catalog folder (Spark skips "_" files).
 FEATURED_STAMP = "_source.json"
 
@@ -81,7 +86,15 @@ def content_hash() -> Column:
     after filling features, so embed's incremental refresh sees a product whose image
     changed."""
     content = F.to_json(
-        F.struct("title", "description", "bullets", "brand", "image_features", "product_group")
+        F.struct(
+            "title",
+            "description",
+            "bullets",
+            "brand",
+            "keywords",
+            "image_features",
+            "product_group",
+        )
     )
     return F.sha2(content, 256)
 
@@ -153,6 +166,7 @@ def check_sources(tasks: Sequence[TaskSpec]) -> None:
     scalar = {f.name for f in CLEAN_SCHEMA.fields} - {
         "category_path",
         "bullets",
+        "keywords",
         "attributes",
         "image_features",
         "title_raw",

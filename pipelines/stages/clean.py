@@ -41,6 +41,7 @@ from pipelines.data import catalog as catalog_module
 from pipelines.data import text
 from pipelines.data.catalog import (
     CLEAN_SCHEMA,
+    TEXT_LISTS,
     clean_files_stamp,
     content_hash,
     read_clean,
@@ -183,15 +184,16 @@ def check_columns(frame: DataFrame, catalog: CatalogConfig) -> None:
             )
         data_type = types[source]
         scalar = isinstance(data_type, _SCALAR_TYPES)
-        list_ok = feeds in {"bullets", "image_features"} and isinstance(data_type, T.ArrayType)
+        list_ok = feeds in _LIST_FIELDS and isinstance(data_type, T.ArrayType)
         if not (scalar or list_ok):
             raise CatalogError(
                 f"catalog '{catalog.name}': column '{source}' (mapped to {feeds}) has type "
                 f"{data_type.simpleString()}, expected a scalar"
-                + (" or an array" if feeds in {"bullets", "image_features"} else "")
+                + (" or an array" if feeds in _LIST_FIELDS else "")
             )
 
 
+_LIST_FIELDS = {*TEXT_LISTS, "image_features"}  # may come from an array column
 _RAW = "_raw:"  # prefix of the mapped source fields, as read
 _TODO = "_todo"  # whether this run normalises the row (not a carried row or a duplicate)
 _KEY = ("_h1", "_h2")
@@ -220,10 +222,16 @@ def _blank(column: Column) -> Column:
     return column.isNull() | (F.trim(column) == "")
 
 
-def _bullets(types: dict[str, T.DataType], catalog: CatalogConfig) -> Column:
-    source = catalog.columns.bullets
+def _text_list(
+    types: dict[str, T.DataType], catalog: CatalogConfig, source: str | list[str] | None
+) -> Column:
+    """Bullets or keywords: an array column's items, a string column split on
+    `bullet_separator`, or (keywords) one item per column; normalised, empty items left out."""
     if source is None:
         return F.lit(None).cast("array<string>")
+    if isinstance(source, list):
+        items = F.array(*[text.normalize_text(_field(column)) for column in source])
+        return F.filter(items, lambda item: item.isNotNull() & (item != ""))
     if isinstance(types[source], T.ArrayType):
         items = F.transform(_value(source), lambda item: text.normalize_text(item.cast("string")))
         return F.filter(items, lambda item: item != "")
@@ -344,8 +352,9 @@ def _normalised(frame: DataFrame, config: Config, types: dict[str, T.DataType]) 
         F.substring(
             text.normalize_text(_field(columns.description)), 1, clean.max_description_chars
         ).alias("description"),
-        _bullets(types, catalog).alias("bullets"),
+        _text_list(types, catalog, columns.bullets).alias("bullets"),
         F.nullif(text.normalize_text(_field(columns.brand)), F.lit("")).alias("brand"),
+        _text_list(types, catalog, columns.keywords).alias("keywords"),
         _category_levels(catalog).alias("_levels"),
         price.alias("_price"),
         F.upper(F.trim(_field(columns.currency))).alias("_currency"),

@@ -44,7 +44,7 @@ from pyspark.sql import functions as F
 from pipelines.core.config import Config, ShardConfig
 from pipelines.core.errors import ShardError
 from pipelines.core.outputs import StageResult, check_corpus, publish_folder
-from pipelines.data.catalog import check_sources, mapped_tasks, read_clean
+from pipelines.data.catalog import TEXT_LISTS, check_sources, mapped_tasks, read_clean
 from pipelines.data.shards import (
     FORMAT,
     MANIFEST,
@@ -171,8 +171,9 @@ def fit_tasks(
 
 
 def text_column(name: str) -> Column:
-    """The text of a field as one string (bullets joined), for the shared tokenizer."""
-    return F.array_join(F.col(name), " ") if name == "bullets" else F.col(name)
+    """The text of a field as one string (bullets and keywords joined), for the shared
+    tokenizer."""
+    return F.array_join(F.col(name), " ") if name in TEXT_LISTS else F.col(name)
 
 
 def encode(

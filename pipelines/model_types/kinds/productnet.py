@@ -18,6 +18,7 @@ from models.encoders import ProductNetEncoder, pack_fields
 from models.mrnet import TaskHead
 from models.productnet import ProductNet
 from pipelines.core.config import Config
+from pipelines.data.catalog import TEXT_LISTS
 from pipelines.data.shards import load_manifest
 from pipelines.data.tokenizer import Vocabulary, tokenize_arrow
 from pipelines.model_types.contract import (
@@ -127,7 +128,7 @@ class ProductNetType(ModelType):
         ids = []
         for name, length in layout.fields:
             text = batch.column(name)
-            if name == "bullets":
+            if name in TEXT_LISTS:
                 text = pc.binary_join(text, " ")
             ids.append(vocabulary.encode(tokenize_arrow(text), length))
         scheme = subword_scheme(layout.extra) if layout.extra else None
