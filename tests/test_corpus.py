@@ -57,10 +57,11 @@ def _planted_rows(n: int = 3000) -> list[tuple]:
                 " ".join(title).upper(),
                 " ".join(description) if i % 7 else None,
                 bullets,
-                None,
-                None,
-                None,
-                None,
+                None,  # brand
+                None,  # keywords
+                None,  # category_path
+                None,  # price
+                None,  # currency
                 "unknown",
                 "en_US",
                 None,
