@@ -161,3 +161,18 @@ def test_an_unknown_task_kind_or_model_type_names_the_known_ones():
         r"mrnet_per_group, productnet",
     ):
         load_config(overrides=["train.model=bert"])
+
+
+@pytest.mark.parametrize(
+    ("workdir", "expected"),
+    [("file:///data/prodvec", Path("/data/prodvec")), ("/data/prodvec", Path("/data/prodvec"))],
+)
+def test_the_workdir_is_a_path_or_a_file_uri(workdir, expected):
+    assert load_config(overrides=[f"workdir={workdir}"]).workdir == expected
+
+
+def test_an_object_store_workdir_is_refused_with_where_the_table_can_go():
+    with pytest.raises(
+        ConfigError, match=r"workdir s3a://bucket/p is an object-store URI.*table_path"
+    ):
+        load_config(overrides=["workdir=s3a://bucket/p"])

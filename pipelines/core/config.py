@@ -585,6 +585,11 @@ class Config(Strict):
     _secrets: frozenset[str] = PrivateAttr(default_factory=frozenset)
     _workdir_from_files: Path | None = PrivateAttr(None)
 
+    @field_validator("workdir", mode="before")
+    @classmethod
+    def _local_workdir(cls, value: object) -> object:
+        return local_workdir(value) if isinstance(value, str) else value
+
     @property
     def outputs(self) -> Outputs:
         """Where this catalog's stage outputs live (several catalogs can share a workdir)."""
@@ -769,13 +774,28 @@ def load_config(overlays: list[str] | None = None, overrides: list[str] | None =
         raise ConfigError(redact_text(_format_validation(err), taken)) from None
     config = config.model_copy(update={"workdir": config.workdir.expanduser().resolve()})
     config._secrets = frozenset(taken)
-    workdir_from_files = Path(_expand_env(from_files.get("workdir", "work"), set()))
+    workdir_from_files = local_workdir(_expand_env(from_files.get("workdir", "work"), set()))
     config._workdir_from_files = workdir_from_files.expanduser().resolve()
     try:
         confine_paths(config)
     except ConfigError as err:
         raise ConfigError(redact_text(str(err), taken)) from None
     return config
+
+
+def local_workdir(location: str) -> Path:
+    """The workdir as a path: a plain path or a file:// URI (a cluster's shared mount). Stage
+    outputs other than the table are local files, so an object-store URI is refused here
+    rather than turned into a folder named `s3a:` under the current directory."""
+    if location.startswith("file://"):
+        return Path(location.removeprefix("file://"))
+    if "://" in location:
+        raise ValueError(
+            f"workdir {location} is an object-store URI; the workdir is a local or mounted "
+            "path (or file://). Put the embedding table on the object store with "
+            "embed.table_path"
+        )
+    return Path(location)
 
 
 def inside(location: str, root: str) -> bool:
