@@ -5,10 +5,10 @@ How it runs:
    run; the version cannot), downloads it once to a local folder and loads it once to learn
    which model type's served form it is (`pipelines.model_types`), what it takes as input
    and how wide its output is.
-2. Executors read that folder: its path directly in local mode or on a shared filesystem,
-   a `SparkContext.addFile` copy otherwise. Each Python worker loads the model once and
-   keeps it in `_MODELS` (Spark reuses Python workers by default, `spark.python.worker.reuse`),
-   so later tasks on the worker pay nothing. The accumulator `model_loads` says how often
+2. Executors read that folder: its path directly in local mode, an archive of it that each
+   executor unpacks (`SparkContext.addArchive`) on a cluster. Each Python worker loads the
+   model once and keeps it in `_MODELS` (Spark reuses Python workers by default,
+   `spark.python.worker.reuse`), so later tasks on the worker pay nothing. The accumulator `model_loads` says how often
    that happened.
 3. `mapInArrow` hands Arrow batches to `_embed_batches`: the model type turns the clean
    columns into the model's input (the shared tokenizer and the training vocabulary), forward in
@@ -30,6 +30,8 @@ input row (rows the clean stage would quarantine carry its reason and no embeddi
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -75,12 +77,20 @@ _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json"}
 
 
 def ship(spark: SparkSession, spec: ModelSpec) -> ModelSpec:
-    """Local mode shares the driver's disk; a cluster gets a copy per executor by addFile
-    (or keep the folder on a filesystem every executor mounts at the same path)."""
+    """Local mode shares the driver's disk; on a cluster every executor gets the model folder
+    as an archive it unpacks (Spark adds no local folder outside local mode), named after the
+    model and version, so two versions never share a name."""
     if (spark.sparkContext.master or "").startswith("local"):
         return spec
-    spark.sparkContext.addFile(spec.folder, recursive=True)
-    return _replace(spec, folder=SHIPPED + Path(spec.folder).name)
+    folder = Path(spec.folder)
+    archive = folder.parent / f"{spec.name}-{spec.version}.zip"
+    if not archive.exists():
+        partial = shutil.make_archive(
+            str(folder.parent / f".{archive.stem}-{os.getpid()}"), "zip", folder
+        )
+        os.replace(partial, archive)  # whole or absent: a concurrent driver may build it too
+    spark.sparkContext.addArchive(str(archive))
+    return _replace(spec, folder=SHIPPED + archive.name)
 
 
 def _replace(spec: ModelSpec, **changes: Any) -> ModelSpec:
