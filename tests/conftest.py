@@ -4,9 +4,16 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import pyspark
 import pytest
 
 from pipelines.core.config import Config, SparkConfig
@@ -134,3 +141,62 @@ def embedded_pipeline(spark, tmp_path_factory):
         for name in ("clean", "corpus", "shard", "train", "embed")
     }
     return config, results
+
+
+SPARK_CLASS = Path(pyspark.__file__).parent / "bin" / "spark-class"
+WORKERS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _alive_workers(ui_port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=2) as page:
+            return int(json.load(page).get("aliveworkers", 0))
+    except OSError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def standalone_cluster(tmp_path_factory) -> Iterator[str]:
+    """`spark://127.0.0.1:<port>`: a master and two one-core workers, stopped afterwards."""
+    root = tmp_path_factory.mktemp("standalone")
+    port, ui_port = _free_port(), _free_port()
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(root)}
+    daemon = "org.apache.spark.deploy"
+    commands = [
+        [f"{daemon}.master.Master", "--host", "127.0.0.1", "--port", str(port),
+         "--webui-port", str(ui_port)],
+        *[
+            [f"{daemon}.worker.Worker", "--host", "127.0.0.1", "--cores", "1", "--memory", "2g",
+             "--webui-port", str(_free_port()), "--work-dir", str(root / f"worker{i}"),
+             f"spark://127.0.0.1:{port}"]
+            for i in range(WORKERS)
+        ],
+    ]  # fmt: skip
+    processes = []
+    try:
+        for i, command in enumerate(commands):
+            with (root / f"daemon{i}.log").open("w") as log:
+                processes.append(
+                    subprocess.Popen([str(SPARK_CLASS), *command], env=env, stdout=log, stderr=log)
+                )
+        deadline = time.monotonic() + 120
+        while _alive_workers(ui_port) < WORKERS:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                logs = "\n".join(p.read_text()[-2000:] for p in root.glob("daemon*.log"))
+                pytest.fail(f"the standalone cluster did not come up:\n{logs}")
+            time.sleep(1)
+        yield f"spark://127.0.0.1:{port}"
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -104,13 +104,13 @@ def _environment(release: Path, root: Path, fault: str | None) -> dict[str, str]
     return env
 
 
-def _command(release: Path, stage: str, root: Path) -> list[str]:
+def _command(release: Path, stage: str, root: Path, master: str, extra: list[str]) -> list[str]:
     """What a scheduler runs: spark-submit <job> --conf cluster <overrides>."""
     archive = next(release.glob("prodvec-*.zip"))
     return [
         str(SPARK_SUBMIT),
         "--master",
-        "local[2,2]",
+        master,
         "--py-files",
         str(archive),
         "--conf",
@@ -124,20 +124,28 @@ def _command(release: Path, stage: str, root: Path) -> list[str]:
         *OVERRIDES,
         *STAGE_OVERRIDES.get(stage, []),
         f"tracking.artifact_location={(root / 'work' / 'mlartifacts').as_uri()}",
+        *extra,
     ]
 
 
 def _submit(
-    release: Path, stage: str, root: Path, fault: str | None = None, kill_when=None
+    release: Path,
+    stage: str,
+    root: Path,
+    fault: str | None = None,
+    kill_when=None,
+    master: str = "local[2,2]",
+    extra: tuple[str, ...] = (),
 ) -> Submitted:
-    """Run one job to its end, or SIGKILL it and all its processes once `kill_when(output)`."""
+    """Run one job to its end, or SIGKILL it and all its processes once `kill_when(output)`;
+    on `master` (local mode by default), `extra` overrides after the usual ones."""
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     log = logs / f"{stage}-{len(list(logs.glob(f'{stage}-*.log')))}.log"
     started = time.perf_counter()
     with open(log, "w") as output:
         process = subprocess.Popen(
-            _command(release, stage, root),
+            _command(release, stage, root, master, list(extra)),
             cwd=root,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -609,3 +617,30 @@ def test_the_gpu_image_has_faiss_gpu_instead_of_faiss_cpu():
     where = [text.find(step) for step in steps]
     assert -1 not in where and where == sorted(where), dict(zip(steps, where, strict=True))
     assert "faiss-gpu" not in (DEPLOY / "docker" / "Dockerfile").read_text()
+
+
+@pytest.mark.cluster
+@pytest.mark.spark_submit
+def test_the_chain_on_a_standalone_cluster_embeds_every_clean_product(
+    release, standalone_cluster, spark, tmp_path
+):
+    """clean -> corpus -> shard -> train -> embed, each `spark-submit --master spark://...`
+    of the wheel's archive as the DAG submits it, the workdir a file:// URI; training on two
+    ranks in TorchDistributor's cluster mode, one per worker."""
+    workdir = tmp_path / "work"
+    extra = (f"workdir={workdir.as_uri()}", "train.distributed=true", "train.num_processes=2")
+    runs = {}
+    for stage in ("clean", "corpus", "shard", "train", "embed"):
+        runs[stage] = _submit(release, stage, tmp_path, master=standalone_cluster, extra=extra)
+        assert runs[stage].returncode == 0, f"{stage}:\n{runs[stage].output[-3000:]}"
+    assert "launching 2 training processes (cluster mode" in runs["train"].output
+    config = load_config(["cluster"], [*OVERRIDES, *extra])
+    clean_ids = {
+        row[0]
+        for row in spark.read.parquet(str(config.outputs.clean_catalog))
+        .select("product_id")
+        .collect()
+    }
+    table = EmbeddingTable.from_config(config)
+    embedded = pq.read_table(list(table.snapshot().files), columns=["product_id"])
+    assert sorted(embedded["product_id"].to_pylist()) == sorted(clean_ids)
