@@ -33,7 +33,7 @@ DIM = 16
 EN, FR, DE = "en_US", "fr_FR", "de_DE"
 TRAINING = [
     "cross_locale.holdout=0.3",
-    "cross_locale.epochs=150",
+    "cross_locale.epochs=60",
     "cross_locale.lr=0.01",
     "cross_locale.batch_size=128",
 ]
