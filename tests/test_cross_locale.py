@@ -177,9 +177,8 @@ def test_stage_brings_fr_listings_into_the_en_space_and_commits_every_product(sp
         key.removeprefix("pairs_rejected_"): n for key, n in rows.items() if "rejected" in key
     }
     assert rejected == BAD_PAIRS
-    assert (
-        rows["training_pairs"] + rows["holdout_pairs"] == 150 == file_rows - sum(rejected.values())
-    )
+    assert rows["pairs"] == 150 == file_rows - sum(rejected.values())
+    assert rows["training_pairs"] + rows["holdout_pairs"] == rows["pairs"]
     reasons = spark.read.parquet(result.outputs["rejected_pairs"]).toPandas()["reason"]
     assert reasons.value_counts().to_dict() == BAD_PAIRS
     # Two unrelated spaces: a fr_FR listing's own embedding finds its en_US partner by chance;
@@ -280,6 +279,6 @@ def test_two_locale_example_end_to_end(spark, tmp_path, shared_tracking):
     assert rows["locale_a"] == listed[EN] and rows["locale_b"] == listed[FR]
     assert rows["table"] == results["embed"].rows["table"] == len(clean)
     both = clean.groupby(clean["attributes"].map(lambda a: a["global_id"]))["locale"].nunique()
-    assert rows["training_pairs"] + rows["holdout_pairs"] == (both == 2).sum()
+    assert rows["pairs"] == rows["training_pairs"] + rows["holdout_pairs"] == (both == 2).sum()
     assert metrics["holdout_recall_at_1_projected"] >= metrics["holdout_recall_at_1_own"]
     assert metrics["holdout_recall_at_10_projected"] > 0.9

@@ -16,7 +16,7 @@ How it runs:
 2. Pairs of the same product in both locales: a CSV whose header names the two locales, or
    the products of both locales that share a value of `cross_locale.pair_attribute`. A file
    row the stage cannot use (an empty cell, an id not in the table, an id of another locale,
-   a repeated pair) goes to `rejected_pairs` with its reason: file rows = pairs used + rows
+   a repeated pair) goes to `rejected_pairs` with its reason: file rows = `pairs` + rows
    rejected.
 3. A seeded `holdout` of the pairs stays out of training. The autoencoder trains in the driver
    on the unit-length embeddings of the others (at most `max_pairs`) and is registered in
@@ -346,7 +346,9 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         outputs["rejected_pairs"] = str(config.outputs.rejected_pairs)
     else:
         pairs = _pairs_from_attribute(products, locales)
+    rows["pairs"] = pairs.count()
     training, held = _split(pairs, products, settings, seed)
+    # At most max_pairs train and REPORT_PAIRS are scored: the rest of `pairs` is left out.
     rows.update({"training_pairs": len(training), "holdout_pairs": len(held)})
     if len(training) < MIN_TRAINING_PAIRS:
         raise CrossLocaleError(
