@@ -57,7 +57,7 @@ def _planted_rows(n: int = 3000) -> list[tuple]:
                 " ".join(title).upper(),
                 " ".join(description) if i % 7 else None,
                 bullets,
-                None,  # brand
+                "brandword" if i % 4 == 0 else None,  # brand
                 None,  # keywords
                 None,  # category_path
                 None,  # price
@@ -90,7 +90,7 @@ def _config(workdir: Path, *overrides: str) -> Config:
 
 def _expected_counts(rows: list[tuple], fields: list[str]) -> Counter:
     """An independent count in plain Python: what Spark must have found."""
-    column = {"title": 1, "description": 3, "bullets": 4}
+    column = {"title": 1, "description": 3, "bullets": 4, "brand": 5}
     counts: Counter = Counter()
     for row in rows:
         for field in fields:
@@ -211,15 +211,19 @@ def test_rerun_gives_the_same_vocabulary(planted, spark):
 def test_fields_choose_the_text_that_feeds_the_corpus(planted, spark, tmp_path, shared_tracking):
     _, rows, _ = planted
     config = _config(
-        tmp_path, "word2vec.fields=[title, bullets]", "word2vec.algorithm=skipgram", shared_tracking
+        tmp_path,
+        "word2vec.fields=[title, bullets, brand]",
+        "word2vec.algorithm=skipgram",
+        shared_tracking,
     )
     spark.createDataFrame(rows, CLEAN_SCHEMA).write.parquet(str(config.outputs.clean_catalog))
     seal_catalog(config.outputs.clean_catalog, len(rows), config)
     result = run_stage("corpus", config, spark)
     vocabulary = Vocabulary.load(Path(result.outputs["vocabulary"]))
-    counts = _expected_counts(rows, ["title", "bullets"])
+    counts = _expected_counts(rows, ["title", "bullets", "brand"])
     assert vocabulary == Vocabulary.from_counts(counts.keys(), counts.values(), MIN_COUNT)
-    assert "bulletword" in vocabulary.frequencies() and "descword" not in vocabulary.frequencies()
+    words = vocabulary.frequencies()
+    assert "bulletword" in words and "brandword" in words and "descword" not in words
 
 
 @pytest.mark.parametrize(

@@ -193,7 +193,7 @@ class Word2VecConfig(Strict):
 
 
 TextField = Literal["title", "description", "bullets", "brand", "keywords"]
-CorpusField = Literal["title", "description", "bullets"]
+CorpusField = Literal["title", "description", "bullets", "brand"]
 
 
 class SplitConfig(Strict):
