@@ -166,6 +166,7 @@ def test_projection_on_the_executors_is_the_autoencoders():
     assert np.allclose(Projection.of(model)(x_b.numpy()), want, atol=1e-6)
 
 
+@pytest.mark.slow  # a clean run, a table and the stage: the end-to-end tier
 def test_stage_brings_fr_listings_into_the_en_space_and_commits_every_product(spark, two_locales):
     config, products, file_rows = two_locales
     result = run_stage("cross_locale", config, spark)
@@ -210,6 +211,7 @@ def test_stage_brings_fr_listings_into_the_en_space_and_commits_every_product(sp
     assert table.version() == int(result.outputs["version"])
 
 
+@pytest.mark.slow  # a clean run, a table and the stage: the end-to-end tier
 def test_a_pairs_file_without_the_locales_columns_is_refused(spark, two_locales, tmp_path):
     config, _, _ = two_locales
     path = tmp_path / "pairs.csv"
@@ -219,6 +221,7 @@ def test_a_pairs_file_without_the_locales_columns_is_refused(spark, two_locales,
         run_stage("cross_locale", paired, spark)
 
 
+@pytest.mark.slow  # a clean run, a table and the stage: the end-to-end tier
 def test_a_table_of_another_clean_catalog_is_refused(spark, two_locales, tmp_path):
     config, _, _ = two_locales
     elsewhere = config.model_copy(
