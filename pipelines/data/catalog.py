@@ -49,6 +49,7 @@ __all__ = [
     "quarantine_counts",
     "read_clean",
     "seal_catalog",
+    "text_column",
 ]
 
 # The canonical clean catalog every later stage reads.
@@ -75,6 +76,13 @@ CLEAN_SCHEMA = T.StructType(
 
 # Clean-catalog text fields held as lists of strings: the tokenizer reads them joined by a space.
 TEXT_LISTS = ("bullets", "keywords")
+
+
+def text_column(name: str) -> Column:
+    """A text field of the clean catalog as one string (list fields joined by a space): what
+    the corpus and the shared tokenizer read."""
+    return F.array_join(F.col(name), " ") if name in TEXT_LISTS else F.col(name)
+
 
 # Written by the image_features stage inside its catalog folder (Spark skips "_" files).
 FEATURED_STAMP = "_source.json"

@@ -34,7 +34,7 @@ from pyspark.sql import functions as F
 from pipelines.core.config import Config, Word2VecConfig
 from pipelines.core.errors import EmptyVocabularyError
 from pipelines.core.outputs import COMPLETION_RECORD, StageResult, seal
-from pipelines.data.catalog import read_clean
+from pipelines.data.catalog import read_clean, text_column
 from pipelines.data.tokenizer import Vocabulary, tokens
 
 __all__ = [
@@ -68,12 +68,9 @@ class CorpusStats:
 
 
 def documents(catalog: DataFrame, fields: Sequence[str]) -> DataFrame:
-    """One corpus line per product and text field (bullets joined), tokens joined by one
+    """One corpus line per product and text field (list fields joined), tokens joined by one
     space; empty lines dropped. Columns: `line`, `words` (its token count)."""
-    texts = [
-        F.array_join(F.col(field), " ") if field == "bullets" else F.col(field) for field in fields
-    ]
-    lines = catalog.select(F.explode(F.array(*texts)).alias("text"))
+    lines = catalog.select(F.explode(F.array(*map(text_column, fields))).alias("text"))
     lines = lines.select(tokens("text").alias("tokens"))
     return lines.filter(F.size("tokens") > 0).select(
         F.array_join("tokens", " ").alias("line"), F.size("tokens").alias("words")

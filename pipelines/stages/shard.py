@@ -44,7 +44,7 @@ from pyspark.sql import functions as F
 from pipelines.core.config import Config, ShardConfig
 from pipelines.core.errors import ShardError
 from pipelines.core.outputs import StageResult, check_corpus, publish_folder
-from pipelines.data.catalog import TEXT_LISTS, check_sources, mapped_tasks, read_clean
+from pipelines.data.catalog import check_sources, mapped_tasks, read_clean, text_column
 from pipelines.data.shards import (
     FORMAT,
     MANIFEST,
@@ -77,7 +77,6 @@ __all__ = [
     "raw_column",
     "run",
     "split_seed",
-    "text_column",
     "write_split",
 ]
 
@@ -168,12 +167,6 @@ def fit_tasks(
         for task in tasks:
             kinds[task.name].finish_fit(entries[task.name])
     return fitted
-
-
-def text_column(name: str) -> Column:
-    """The text of a field as one string (bullets and keywords joined), for the shared
-    tokenizer."""
-    return F.array_join(F.col(name), " ") if name in TEXT_LISTS else F.col(name)
 
 
 def encode(
