@@ -119,8 +119,9 @@ def partner_recall(queries: np.ndarray, candidates: np.ndarray) -> dict[int, flo
 # ---- pairing ----------------------------------------------------------------------------------
 
 
-def _products(spark: SparkSession, config: Config, table: EmbeddingTable) -> DataFrame:
-    """The table's latest version with each product's locale (and pairing key)."""
+def _source_version(config: Config, table: EmbeddingTable) -> tuple[int, int]:
+    """The table's latest version and the clean-catalog stamp its commit recorded, which must
+    be the current clean catalog's."""
     version = table.version()
     if version is None:
         raise CrossLocaleError(f"{table.uri} has no version yet: run `prodvec embed` first")
@@ -131,6 +132,13 @@ def _products(spark: SparkSession, config: Config, table: EmbeddingTable) -> Dat
             f"{table.uri} version {version} was embedded from another clean catalog (written at "
             f"{stamp}, the current one at {current}): run `prodvec embed` first"
         )
+    return version, current
+
+
+def _products(
+    spark: SparkSession, config: Config, table: EmbeddingTable, version: int
+) -> DataFrame:
+    """The table's `version` with each product's locale (and pairing key)."""
     key = config.cross_locale.pair_attribute
     catalog = read_clean(spark, config).select(
         "product_id",
@@ -323,8 +331,8 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         rows_per_file=config.embed.rows_per_file,
         writer=config.embed.writer,
     )
-    products = _products(spark, config, source)
-    version = source.version()
+    version, stamp = _source_version(config, source)
+    products = _products(spark, config, source, version)
     app_id = f"cross_locale-{config.catalog.name}-v{version}-{config.digest()}"
     outputs = {"table": target.uri, "source_version": str(version)}
     if target.committed(app_id):
@@ -386,7 +394,7 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         config_hash=config.digest(),
         mode="full",
         dimension=model.dim,
-        catalog_stamp=source.commit_info(version).get(CATALOG_STAMP),
+        catalog_stamp=stamp,
     )
     rows["table"] = result.rows
     log.info("cross_locale: %s version %s, %s", target.uri, result.version, metrics)
