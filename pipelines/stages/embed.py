@@ -8,8 +8,8 @@ How it runs:
 2. Executors read that folder: its path directly in local mode, an archive of it that each
    executor unpacks (`SparkContext.addArchive`) on a cluster. Each Python worker loads the
    model once and keeps it in `_MODELS` (Spark reuses Python workers by default,
-   `spark.python.worker.reuse`), so later tasks on the worker pay nothing. The accumulator `model_loads` says how often
-   that happened.
+   `spark.python.worker.reuse`), so later tasks on the worker pay nothing. The accumulator
+   `model_loads` says how often that happened.
 3. `mapInArrow` hands Arrow batches to `_embed_batches`: the model type turns the clean
    columns into the model's input (the shared tokenizer and the training vocabulary), forward in
    `embed.batch_size` chunks under `torch.inference_mode` with one torch thread per task on

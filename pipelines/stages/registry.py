@@ -1,9 +1,10 @@
 """The stage registry and the runner that wraps every stage in its MLflow run.
 
 Data flows one way: clean -> [image_features] -> corpus -> shard -> train -> embed ->
-[cross_locale] -> index -> evaluate. Each stage module exposes `run(spark, config) -> StageResult` and is imported only
-when it runs, so a stage's heavy imports (torch, gensim) stay out of the others. An optional
-stage (`enabled_by` names its switch) runs only when its config enables it.
+[cross_locale] -> index -> evaluate. Each stage module exposes `run(spark, config) ->
+StageResult` and is imported only when it runs, so a stage's heavy imports (torch, gensim)
+stay out of the others. An optional stage (`enabled_by` names its switch) runs only when its
+config enables it.
 """
 
 from __future__ import annotations
