@@ -1,4 +1,4 @@
-"""Shared fixtures: ONE local[2] SparkSession for the whole test session
+"""Shared fixtures: ONE local SparkSession for the whole test session
 (start-up costs 10-40 s), and a scratch workdir per test."""
 
 from __future__ import annotations
@@ -53,11 +53,19 @@ TEST_JVM_OPTIONS = (
 )
 
 
+def local_master() -> str:
+    """`local[N]` with this process's share of the cores: all of them for one test process,
+    cores / workers under `pytest -n` (`make test-fast`). Two workers each running
+    `local[2]` on 2 cores spend about a tenth of the tier's time contending for them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return f"local[{max(1, (os.cpu_count() or 1) // workers)}]"
+
+
 @pytest.fixture(scope="session")
 def spark():
     session = get_spark(
         SparkConfig(
-            master="local[2]",
+            master=local_master(),
             shuffle_partitions=2,
             driver_memory="2g",
             conf={"spark.driver.extraJavaOptions": TEST_JVM_OPTIONS},

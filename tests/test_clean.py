@@ -385,10 +385,10 @@ def _published(spark, result) -> tuple[list[dict], list[dict]]:
     )
 
 
-def test_incremental_run_normalises_only_changed_rows_and_equals_a_full_run(spark, tmp_path):
-    """Day 1 -> day 2 with rows changed, added, removed, duplicated, a new id conflict and a
-    resolved one: the incremental run writes what a full run writes, and normalises only the
-    rows it has not seen (plus the ones it never carries: malformed and id-conflict rows)."""
+def _two_days(spark, tmp_path: Path):
+    """Day 1 cleaned in full, then day 2 (rows changed, added, removed, duplicated, a new id
+    conflict and a resolved one) cleaned incrementally and, for reference, in full:
+    (catalog path, config, day 2's incremental result, day 2's full result)."""
     base = [case for _, case, _ in CASES] + [
         row(f"p{i}", name=f"Cotton Shirt {i}") for i in range(40)
     ]
@@ -412,7 +412,13 @@ def test_incremental_run_normalises_only_changed_rows_and_equals_a_full_run(spar
     full = clean.run(
         spark, catalog_config(path, tmp_path / "full", "csv", "clean.incremental=false")
     )
+    return path, config, second, full
 
+
+def test_incremental_run_normalises_only_changed_rows_and_equals_a_full_run(spark, tmp_path):
+    """The incremental day 2 writes what a full run writes, and normalises only the rows it
+    has not seen (plus the ones it never carries: malformed and id-conflict rows)."""
+    _, _, second, full = _two_days(spark, tmp_path)
     assert second.metrics["incremental"] == 1.0 and full.metrics["incremental"] == 0.0
     got, want = _published(spark, second), _published(spark, full)
     assert [r for r in got[1] if r not in want[1]] == [r for r in want[1] if r not in got[1]]
@@ -431,7 +437,13 @@ def test_incremental_run_normalises_only_changed_rows_and_equals_a_full_run(spar
     assert next(r for r in catalog if r["product_id"] == "p5")["price"] == 19.99  # kept first
     assert {r["reason"] for r in quarantine if r["product_id"] == "p5"} == {"duplicate_id_conflict"}
 
-    third = clean.run(spark, config)  # nothing changed: only never-carried rows again
+
+@pytest.mark.slow  # five clean runs
+def test_an_unchanged_catalog_normalises_only_uncarried_rows_and_new_rules_all(spark, tmp_path):
+    """After day 2, a run over the same catalog normalises only the rows never carried, and
+    a run with other rules normalises every row again."""
+    path, config, _, full = _two_days(spark, tmp_path)
+    third = clean.run(spark, config)
     assert _published(spark, third) == _published(spark, full)
     assert third.rows["normalised"] == 4  # the two conflict losers, no id, the malformed line
 

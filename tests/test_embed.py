@@ -162,7 +162,7 @@ def test_stage_equals_in_process_model(spark, base, tmp_path):
 
 
 def test_model_loads_once_per_python_worker(spark, base, tmp_path):
-    """Sixteen tasks on local[2]: reused Python workers load the model once, not per task.
+    """Sixteen tasks on the test session: reused Python workers load the model once, not per task.
 
     Spark forks a new worker when none is idle at task start, so the exact count depends on
     timing; loading per task would give sixteen."""

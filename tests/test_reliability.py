@@ -245,7 +245,7 @@ def test_bad_input_is_one_line_naming_the_thing(
 def test_a_failing_executor_batch_is_one_line_naming_stage_and_batch(
     spark, tmp_path, monkeypatch, capsys, shared_tracking
 ):
-    """The shared local[2] session makes one attempt per task, so the injected failure of
+    """The shared test session makes one attempt per task, so the injected failure of
     partition 0 fails the stage: the CLI prints the executor's TaskError line, exit 1."""
     monkeypatch.setenv(FAULT_VARIABLE, "clean:fail")
     assert (
