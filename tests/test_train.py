@@ -220,6 +220,26 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(built, tmp_path, op
     assert history[-1]["train_loss"] == pytest.approx(reference_history[-1]["train_loss"])
 
 
+@pytest.mark.parametrize(
+    ("select_by", "best_of"),
+    [("val_loss", min), ("val_contrastive_loss", min), ("val_color_top5_accuracy", max)],
+)
+def test_the_kept_epoch_is_the_best_by_select_by(built, tmp_path, select_by, best_of):
+    """The kept checkpoint is the epoch whose `select_by` figure is the lowest (a loss) or
+    the highest (any other figure); here each of the three picks another epoch."""
+    config = with_train(built, epochs=3, patience=3, select_by=select_by)
+    result, history = fit(config, tmp_path)
+    values = [row[select_by] for row in history]
+    assert result["best_epoch"] == values.index(best_of(values))
+    assert (result["selected_by"], result["best_selected"]) == (select_by, best_of(values))
+    assert load_checkpoint(tmp_path / "run" / BEST)["epoch"] == result["best_epoch"]
+
+
+def test_select_by_a_figure_the_model_lacks_is_a_clear_error(built, tmp_path):
+    with pytest.raises(TrainingError, match="'val_colour_accuracy' is not a validation figure"):
+        fit(with_train(built, epochs=1, select_by="val_colour_accuracy"), tmp_path)
+
+
 def test_a_checkpoint_of_another_setup_is_not_resumed(built, tmp_path):
     fit(with_train(built, epochs=1), tmp_path)
     result, history = fit(with_train(built, epochs=1, lr=0.02), tmp_path)

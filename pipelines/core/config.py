@@ -356,8 +356,13 @@ class TrainConfig(Strict):
     mixed_precision: bool = True  # autocast on CUDA (bf16, else fp16 + loss scaling)
     threads_per_process: int = Field(0, ge=0)  # 0: cores / processes (cluster: spark.task.cpus)
     loader_workers: int = Field(0, ge=0)  # DataLoader worker processes per training process
-    patience: int = Field(2, ge=1)  # early stopping: epochs without a better validation loss
-    min_delta: float = Field(0.0, ge=0)  # the smallest decrease that counts as better
+    # The validation figure that picks the kept epoch and drives early stopping: val_loss or
+    # any figure of an epoch's validation row (val_<task>_accuracy: top-1, val_<task>_macro_f1).
+    # Names ending in "loss" are minimised, the others maximised. A classifier's loss can
+    # rise while its top-1 still climbs (README, "The master model").
+    select_by: str = Field("val_loss", pattern=r"^val_\w+$")
+    patience: int = Field(2, ge=1)  # early stopping: epochs without a better select_by
+    min_delta: float = Field(0.0, ge=0)  # the smallest improvement that counts as better
     max_steps_per_epoch: int | None = Field(None, ge=1)
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: a checkpoint at each epoch end only
     calibration_batches: int = Field(20, ge=1)  # train batches that set the loss normaliser

@@ -75,10 +75,10 @@ def digest(payload: Any) -> str:
 def fingerprint(
     config: Config, manifest: Mapping[str, Any], vectors: Path, model: Mapping[str, Any]
 ) -> str:
-    """What a checkpoint belongs to: the settings that shape the training trajectory, the
-    shard files and the initial vectors. Epochs, patience and the process count are left
-    out, so a run can be resumed with more epochs or on fewer GPUs. `model`: the model type's
-    name and settings."""
+    """What a checkpoint belongs to: the settings that shape the training trajectory or pick
+    its kept epoch, the shard files and the initial vectors. Epochs, patience and the process
+    count are left out, so a run can be resumed with more epochs or on fewer GPUs. `model`:
+    the model type's name and settings."""
     shaping = config.train.model_dump(
         mode="json",
         include={
@@ -94,6 +94,7 @@ def fingerprint(
             "calibration_batches",
             "mixed_precision",
             "contrastive",
+            "select_by",
         },
     )
     with open(vectors, "rb") as handle:
@@ -153,6 +154,7 @@ def loop_spec(
         optimisation=settings.optimisation,
         weight_decay=settings.weight_decay,
         grad_clip=settings.grad_clip,
+        select_by=settings.select_by,
         patience=settings.patience,
         min_delta=settings.min_delta,
         max_steps_per_epoch=settings.max_steps_per_epoch,

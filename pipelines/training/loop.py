@@ -99,6 +99,7 @@ class LoopSpec:
     optimisation: Literal["joint", "alternating"] = "joint"
     weight_decay: float = 0.0
     grad_clip: float | None = None
+    select_by: str = "val_loss"  # minimised when it ends in "loss", else maximised
     patience: int = 3
     min_delta: float = 0.0
     max_steps_per_epoch: int | None = None
@@ -541,13 +542,25 @@ class Trainer:
             metrics["val_loss"] += self.contrastive.weight * metrics["val_contrastive_loss"]
         return metrics
 
+    def selection_score(self, row: dict[str, float]) -> float:
+        """The epoch's `select_by` figure as a loss (lower is better)."""
+        name = self.spec.select_by
+        if name not in row:
+            figures = ", ".join(sorted(key for key in row if key.startswith("val_")))
+            raise TrainingError(
+                f"train.select_by {name!r} is not a validation figure of this model: "
+                f"it reports {figures}"
+            )
+        return row[name] if name.endswith("loss") else -row[name]
+
     def end_epoch(self, row: dict[str, float]) -> None:
         """Record the epoch, keep the best model, decide on early stopping (rank 0's view,
         broadcast so that every rank stops at the same epoch)."""
         self.history.append(row)
-        improved = row["val_loss"] < self.best - self.spec.min_delta
+        score = self.selection_score(row)
+        improved = score < self.best - self.spec.min_delta
         if improved:
-            self.best, self.best_epoch, self.bad_epochs = row["val_loss"], self.epoch, 0
+            self.best, self.best_epoch, self.bad_epochs = score, self.epoch, 0
         else:
             self.bad_epochs += 1
         stop = torch.tensor([float(self.bad_epochs >= self.spec.patience)], device=self.device)
@@ -611,6 +624,7 @@ class Trainer:
             dist.all_gather_object(gathered, digests[0])
             digests = gathered
         if self.main:
+            best = next(row for row in self.history if row["epoch"] == self.best_epoch)
             save_json(
                 self.run_dir / RESULT,
                 {
@@ -618,7 +632,9 @@ class Trainer:
                     "epochs_run": self.epoch,
                     "global_step": self.global_step,
                     "best_epoch": self.best_epoch,
-                    "best_val_loss": self.best,
+                    "selected_by": self.spec.select_by,
+                    "best_val_loss": best["val_loss"],
+                    "best_selected": best[self.spec.select_by],
                     "stopped_early": self.stopped,
                     "resumed_from": self.resumed_from,
                     "steps_this_run": self.steps_this_run,
