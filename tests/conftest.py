@@ -54,11 +54,12 @@ TEST_JVM_OPTIONS = (
 
 
 def local_master() -> str:
-    """`local[N]` with this process's share of the cores: all of them for one test process,
-    cores / workers under `pytest -n` (`make test-fast`). Two workers each running
-    `local[2]` on 2 cores spend about a tenth of the tier's time contending for them."""
+    """`local[N]` with this process's share of the cores (cores / `pytest -n` workers), at
+    most the 2 the suite's partition counts were written for: `local[2]` for `make test`,
+    `local[1]` in each of `make test-fast`'s two workers on 2 cores, where two `local[2]`
+    sessions spent about a tenth of the tier's time contending for them."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return f"local[{max(1, (os.cpu_count() or 1) // workers)}]"
+    return f"local[{max(1, min(2, (os.cpu_count() or 1) // workers))}]"
 
 
 @pytest.fixture(scope="session")
