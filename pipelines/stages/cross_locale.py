@@ -354,8 +354,12 @@ def run(spark: SparkSession, config: Config) -> StageResult:
         outputs["rejected_pairs"] = str(config.outputs.rejected_pairs)
     else:
         pairs = _pairs_from_attribute(products, locales)
-    rows["pairs"] = pairs.count()
-    training, held = _split(pairs, products, settings, seed)
+    pairs = pairs.persist()  # counted, then joined twice in _split: one pairing, not three
+    try:
+        rows["pairs"] = pairs.count()
+        training, held = _split(pairs, products, settings, seed)
+    finally:
+        pairs.unpersist()
     # At most max_pairs train and REPORT_PAIRS are scored: the rest of `pairs` is left out.
     rows.update({"training_pairs": len(training), "holdout_pairs": len(held)})
     if len(training) < MIN_TRAINING_PAIRS:
